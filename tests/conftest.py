@@ -1,0 +1,24 @@
+"""Fixtures shared by every test: tiny real models, built once per session (and cached across runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cache_dir() -> Path:
+    """Where the trained tiny-model world is cached between test runs."""
+    path = Path(os.environ.get("MERGESEARCH_CACHE", Path.home() / ".cache" / "mergesearch"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def world(cache_dir: Path):
+    """The trained tiny-model world: a base, one expert per synthetic task, and task splits."""
+    from mergesearch_trial_runner.testbed.models import build_world
+
+    return build_world(cache_dir)

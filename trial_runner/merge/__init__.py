@@ -1,0 +1,1 @@
+"""The merge engine (torch): kernels per method, streaming safetensors I/O, plan execution."""

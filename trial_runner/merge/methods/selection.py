@@ -1,0 +1,72 @@
+"""The k-th largest magnitude of a tensor that is only ever seen in chunks.
+
+TIES keeps each task vector's `k` entries of largest magnitude, a selection over the whole tensor. A
+non-negative float32's bit pattern orders like its value, so a radix selection finds the exact k-th
+largest: a 65,536-bin histogram of the top 16 bits names the bin that holds it; a second pass then
+either gathers that bin's entries and selects among them (the usual case: a bin spans 1/128 of an
+octave and holds few entries), or, when the bin is crowded (many equal values, such as zeros), takes a
+histogram of their low 16 bits. Memory: the histograms and one chunk, whatever the tensor's size. It is
+also faster than a partition of the whole tensor, which is why one-chunk tensors use it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+BINS = 1 << 16
+MAX_GATHERED = 1 << 20  # entries of the boundary bin gathered at most; above, a second histogram
+
+
+def _bits(magnitude: torch.Tensor) -> torch.Tensor:
+    return magnitude.contiguous().reshape(-1).view(torch.int32)
+
+
+def _bin_from_top(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the `rank`-th largest entry, entries in higher bins); rank counts from 1."""
+    from_top = torch.flip(histogram, dims=(0,)).cumsum(0)
+    position = int(torch.searchsorted(from_top, torch.tensor(rank, dtype=from_top.dtype)))
+    above = int(from_top[position - 1]) if position > 0 else 0
+    return BINS - 1 - position, above
+
+
+def kth_largest_magnitudes(passes: Callable[[], Iterator[Sequence[torch.Tensor]]], ranks: Sequence[int]) -> list[float]:
+    """For each i, the `ranks[i]`-th largest value (1-based) among every chunk's `values[i]` (non-negative).
+
+    `passes()` yields, per chunk, one non-negative float32 tensor per selection; it is called twice.
+    """
+    count = len(ranks)
+    high = [torch.zeros(BINS, dtype=torch.int64) for _ in range(count)]
+    for values in passes():
+        for i in range(count):
+            high[i] += torch.bincount(_bits(values[i]) >> 16, minlength=BINS).cpu()
+    bins, remaining, crowded = [], [], []
+    for i in range(count):
+        bin_index, above = _bin_from_top(high[i], ranks[i])
+        bins.append(bin_index)
+        remaining.append(ranks[i] - above)
+        crowded.append(int(high[i][bin_index]) > MAX_GATHERED)
+
+    gathered: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    low = [torch.zeros(BINS, dtype=torch.int64) for _ in range(count)]
+    for values in passes():
+        for i in range(count):
+            bits = _bits(values[i])
+            in_bin = bits[(bits >> 16) == bins[i]]
+            if crowded[i]:
+                low[i] += torch.bincount(in_bin & 0xFFFF, minlength=BINS).cpu()
+            else:
+                gathered[i].append(in_bin.cpu())
+    thresholds = []
+    for i in range(count):
+        if crowded[i]:
+            low_bits, _ = _bin_from_top(low[i], remaining[i])
+            pattern = np.array([(bins[i] << 16) | low_bits], dtype=np.int32)
+        else:
+            candidates = torch.cat(gathered[i]).numpy()
+            position = candidates.size - remaining[i]
+            pattern = np.array([np.partition(candidates, position)[position]], dtype=np.int32)
+        thresholds.append(float(pattern.view(np.float32)[0]))
+    return thresholds

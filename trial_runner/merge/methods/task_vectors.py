@@ -1,0 +1,108 @@
+"""Task-vector arithmetic shared by task_arithmetic, TIES and the two DARE variants.
+
+Each of those methods forms task vectors (source - base), optionally sparsifies them (TIES keeps the
+largest entries by magnitude, DARE drops entries at random), weights them, optionally keeps only the
+entries that agree with an elected sign, sums, optionally normalises by the weight that survived, scales
+by lambda and adds the result back to the base. The order of these steps and the defaults follow
+mergekit's generalized task arithmetic so that recipes carry over; DARE's rescale follows the paper
+(divide the kept entries by the keep probability).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from .base import Chunk, ChunkPass, MergeKernel, Params
+from .selection import kth_largest_magnitudes
+
+
+def trim_thresholds(chunks: ChunkPass, params: Params, sources: int, numel: int) -> list[float | None]:
+    """Per source, the magnitude at or above which TIES keeps an entry (None: keep all)."""
+    densities = [params.source(i, "density") for i in range(sources)]
+    selected = [i for i, d in enumerate(densities) if 0 < d < 1 and numel > 0]
+    # mergekit keeps max(1, int(density * n)) entries; density <= 0 keeps none.
+    ranks = [max(1, int(densities[i] * numel)) for i in selected]
+
+    def magnitudes() -> Iterator[Sequence[torch.Tensor]]:
+        for chunk in chunks():
+            assert chunk.base is not None
+            yield [(chunk.sources[i] - chunk.base).abs_() for i in selected]
+
+    found = dict(zip(selected, kth_largest_magnitudes(magnitudes, ranks), strict=True)) if selected else {}
+    return [found.get(i, float("inf") if densities[i] <= 0 else None) for i in range(sources)]
+
+
+def merge_task_vectors(
+    chunk: Chunk,
+    params: Params,
+    *,
+    thresholds: Sequence[float | None] | None = None,
+    drop: torch.Generator | None = None,
+    elect_sign: bool,
+) -> torch.Tensor:
+    """One chunk of base + lambda * combine(weight_i * sparsify(source_i - base))."""
+    base = chunk.base
+    assert base is not None
+    count = len(chunk.sources)
+    weights = [params.source(i, "weight") for i in range(count)]
+    deltas = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
+    for i, source in enumerate(chunk.sources):
+        delta = torch.sub(source, base, out=deltas[i])
+        if thresholds is not None and thresholds[i] is not None:
+            delta.mul_(delta.abs() >= thresholds[i])
+        if drop is not None:
+            density = params.source(i, "density")
+            if density < 1:
+                delta.mul_(torch.rand(delta.shape, generator=drop, device=delta.device) < density)
+                if params.shared["rescale"] and density > 0:
+                    delta.div_(density)
+        delta.mul_(weights[i])
+
+    if elect_sign:
+        # TIES's sign election by total mass (ties go to +). An entry agrees when it has the elected
+        # sign; zeros never agree. With m = +-1 the elected sign, the agreeing mass is
+        # m * sum_i max(m * delta_i, 0), which needs no boolean masks per source.
+        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(base.dtype)
+        agreeing = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for i in range(count):
+            aligned = deltas[i].mul_(elected)
+            divisor.add_(aligned > 0, alpha=weights[i])
+            agreeing.add_(aligned.clamp_min_(0))
+        mixed = agreeing.mul_(elected)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        total = sum(weights)
+        divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=base.dtype, device=base.device)
+    del deltas
+
+    if params.shared["normalize"]:
+        mixed.div_(divisor)
+    if float(params.shared["lambda"]) != 1:
+        mixed.mul_(float(params.shared["lambda"]))
+    return mixed.add_(base)
+
+
+class TaskVectorKernel(MergeKernel):
+    """Base for the methods above; subclasses choose sparsification and sign election."""
+
+    sparsify: str | None = None  # "trim" (TIES) or "drop" (DARE)
+    elect_sign: bool = False
+
+    def statistics(self, chunks: ChunkPass, params: Params, numel: int) -> Any:
+        if self.sparsify != "trim":
+            return None
+        return trim_thresholds(chunks, params, len(params.per_source), numel)
+
+    def merge(self, chunk: Chunk, params: Params, statistics: Any, generator: torch.Generator) -> torch.Tensor:
+        return merge_task_vectors(
+            chunk,
+            params,
+            thresholds=statistics,
+            drop=generator if self.sparsify == "drop" else None,
+            elect_sign=self.elect_sign,
+        )
