@@ -60,9 +60,96 @@ def _testbed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace):
+    from .local import LocalSearch, resolve_paths
+    from .spec import load_manifest
+
+    resource = resolve_paths(load_manifest(args.manifest), Path(args.manifest).absolute().parent)
+    return LocalSearch.for_manifest(
+        resource, work_dir=Path(args.work_dir) if args.work_dir else None, storage_url=args.storage
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+
+    from .display import progress, summary
+
+    search = _search(args)
+    console = Console()
+    started = time.monotonic()
+    console.print(f"study: {search.storage_url}   work dir: {search.work_dir}")
+    with Live(console=console, refresh_per_second=2, transient=False) as live:
+        status = search.run(lambda s: live.update(progress(search.name, s, time.monotonic() - started)))
+    spec = search.resource.spec
+    if status.final:
+        console.print(summary(status, [o.name for o in spec.objectives], {o.name: o.weight for o in spec.objectives}))
+    output = spec.output.uri or search.work_dir / "best"
+    if status.phase == "Succeeded":
+        console.print(f"best merge, its plan and recipe: {output}")
+        return 0
+    console.print(f"[red]{status.phase}: {status.message}")
+    return 1
+
+
+def _status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .display import progress, summary
+
+    search = _search(args)
+    controller = search.controller(check=False)
+    status = controller.status()
+    console = Console()
+    console.print(progress(search.name, status, 0.0))
+    spec = search.resource.spec
+    if status.final:
+        console.print(summary(status, [o.name for o in spec.objectives], {o.name: o.weight for o in spec.objectives}))
+    return 0
+
+
+def _best(args: argparse.Namespace) -> int:
+    from mergesearch_trial_runner.plan.export import to_mergekit_yaml
+
+    controller = _search(args).controller(check=False)
+    finalists = {label: found for label, found in controller.finalists().items() if found[0] is not None}
+    if not finalists:
+        print("no trial has finished at the top rung yet", file=sys.stderr)
+        return 1
+    for label, (trial, plan) in finalists.items():
+        print(f"# {label}: trial {trial}")
+        recipe = to_mergekit_yaml(plan) if args.mergekit else None
+        print(recipe if recipe is not None else plan.to_json())
+    return 0
+
+
+def _add_search_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("manifest", help="a MergeSearch manifest (YAML)")
+    command.add_argument(
+        "--work-dir", help="where the search keeps its study, runs and output (default .mergesearch/NAME)"
+    )
+    command.add_argument("--storage", help="the study's SQLAlchemy URL (default: SQLite in the work dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mergesearch", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run a MergeSearch manifest on this machine (resumes if interrupted)")
+    _add_search_arguments(run)
+    run.set_defaults(handler=_run)
+
+    status = commands.add_parser("status", help="show a search's progress from its study")
+    _add_search_arguments(status)
+    status.set_defaults(handler=_status)
+
+    best = commands.add_parser("best", help="print the best merge's plan (or the Pareto front's)")
+    _add_search_arguments(best)
+    best.add_argument("--mergekit", action="store_true", help="as a mergekit YAML where the plan is expressible")
+    best.set_defaults(handler=_best)
 
     merge = commands.add_parser(
         "merge", help="merge models from a plan (JSON/YAML) or a mergekit YAML recipe (drop-in for mergekit-yaml)"

@@ -1,0 +1,57 @@
+"""How a search looks in a terminal (rich): live progress while it runs, a summary table at the end."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+
+from .search.controller import SearchStatus
+
+
+def progress(name: str, status: SearchStatus, elapsed: float) -> Panel:
+    trials = status.trials
+    lines = Table.grid(padding=(0, 2))
+    lines.add_column(style="bold")
+    lines.add_column()
+    lines.add_row("phase", f"{status.phase}  {status.message}")
+    lines.add_row(
+        "trials",
+        "  ".join(
+            f"{state} {trials.get(state, 0)}" for state in ("running", "completed", "pruned", "failed", "skipped")
+        ),
+    )
+    lines.add_row(
+        "rungs",
+        "  ".join(
+            f"{budget} samples: {done} done, {running} running"
+            for budget, done, running in zip(status.budgets, status.rungs, status.running_per_rung, strict=True)
+        ),
+    )
+    best = status.best
+    lines.add_row(
+        "best",
+        "-"
+        if best is None
+        else f"trial {best['trial']}: {best['value']:.3f}  "
+        + "  ".join(f"{k} {v:.3f}" for k, v in best["objectives"].items()),
+    )
+    if status.hypervolume is not None:
+        lines.add_row("front", f"{len(status.front)} trials, hypervolume {status.hypervolume:.4f}")
+    lines.add_row("used", f"{status.samples_used} samples, {status.device_seconds:.0f} device-seconds, {elapsed:.0f}s")
+    return Panel(lines, title=f"MergeSearch {name}", expand=False)
+
+
+def summary(status: SearchStatus, objectives: list[str], weights: dict[str, float]) -> Group:
+    table = Table(title="held-out test split: accuracy")
+    table.add_column("merge")
+    for name in objectives:
+        table.add_column(name, justify="right")
+    table.add_column("weighted", justify="right", style="bold")
+    total = sum(weights.values())
+    order = sorted(status.final, key=lambda label: (label.startswith(("expert:", "task_", "ties")), label))
+    for label in order:
+        scores = status.final[label]
+        weighted = sum(weights[o] * scores.get(o, 0.0) for o in objectives) / total
+        table.add_row(label, *(f"{scores.get(o, 0.0):.3f}" for o in objectives), f"{weighted:.3f}")
+    return Group(table)

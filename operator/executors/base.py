@@ -1,0 +1,52 @@
+"""Where trial runs execute: the interface between the search controller and processes or pods.
+
+A run is named deterministically (`<search>-t<trial>-r<rung>`, `-a<n>` for a retry) and the controller
+drives it only through that name, so after a restart it finds its runs again and never starts one twice.
+
+Contract for every executor:
+- `start(spec)` is idempotent: when a run of that name exists (running or finished) it does nothing.
+- `poll(name)` never blocks for long and never raises for a missing run (it answers MISSING).
+- `cancel(name)` and `release(name)` are idempotent; `release` tells the executor the controller has
+  recorded a finished run (it may delete it, keeping the most recent failures for debugging).
+- None of them is thread-safe; one controller drives one executor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+
+from mergesearch_trial_runner.spec import ErrorKind, TrialResult, TrialSpec
+
+
+class RunPhase(StrEnum):
+    MISSING = "Missing"
+    RUNNING = "Running"  # includes waiting to be scheduled
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    phase: RunPhase
+    result: TrialResult | None = None  # what the runner reported (SUCCEEDED, or FAILED when it could report)
+    failure: ErrorKind | None = None  # FAILED: retry (infrastructure) or record (user)
+    reason: str = ""  # FAILED: e.g. OOMKilled, DeadlineExceeded, Unschedulable, the runner's message
+    seconds: float = 0.0  # how long the run held its device(s)
+
+
+class Executor(ABC):
+    accelerators_per_run: float = 1.0  # for device-second budgets
+
+    @abstractmethod
+    def start(self, spec: TrialSpec) -> None: ...
+
+    @abstractmethod
+    def poll(self, name: str) -> RunStatus: ...
+
+    @abstractmethod
+    def cancel(self, name: str) -> None: ...
+
+    @abstractmethod
+    def release(self, name: str) -> None: ...

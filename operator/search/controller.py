@@ -1,0 +1,560 @@
+"""The search loop: Optuna asks, spaces build plans, executors run them, Hyperband promotes or prunes.
+
+It knows nothing of Kubernetes. `reconcile()` is level-based and idempotent: it reads the study and the
+executor's runs, moves every trial one step towards done, launches new work up to `parallelTrials`, and
+returns the status. Call it again and again (a loop locally, a timer and pod events on a cluster); after
+a crash, a new controller on the same study and executor carries on, because every fact it acts on is
+stored before it acts:
+
+1. a finished run's counts are stored on its trial (`result.r<k>`), then the run is released;
+2. the decision for that rung is stored (`decision.r<k>`: promote, complete, prune or stop), then acted
+   on: a promotion starts the next rung's run (idempotent by its deterministic name), the others tell
+   Optuna (idempotent with skip_if_finished);
+3. a failed run is stored (`failures.r<k>`) and retried under a new name (`-a<n>`) while retries last.
+
+So no run is started twice and no counted sample is evaluated again. Trial runs write nothing to the
+study: the controller alone tells Optuna.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import ChainMap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mergesearch_trial_runner.plan.ir import MergePlan
+from mergesearch_trial_runner.spec import TrialSpec
+
+from ..executors.base import Executor, RunPhase, RunStatus
+from ..spaces import SearchSpace, Skip
+from ..spaces.base import ModelFacts
+from ..spaces.baselines import baselines
+from ..spec import MergeSearchSpec
+from .hyperband import Schedule, promotable
+from .objectives import chebyshev, hypervolume, parego_weights, pareto_front, weighted_score
+
+log = logging.getLogger(__name__)
+
+BRACKET = "bracket"
+READY = "ready"
+SKIPPED = "skipped"
+STOPPED = "stopped"
+INTERRUPTED = "interrupted"
+MAX_SKIPS_PER_RECONCILE = 50
+WEIGHTS = "weights"
+INITIALIZED = "initialized"
+FRONT_SIZE_IN_STATUS = 10
+
+
+def result_key(rung: int) -> str:
+    return f"result.r{rung}"
+
+
+def decision_key(rung: int) -> str:
+    return f"decision.r{rung}"
+
+
+def failures_key(rung: int) -> str:
+    return f"failures.r{rung}"
+
+
+class Phase:
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    FINALIZING = "Finalizing"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass
+class SearchStatus:
+    """What the search looks like now; small whatever the number of trials."""
+
+    phase: str
+    message: str = ""
+    trials: dict[str, int] = field(default_factory=dict)  # running, completed, pruned, failed, skipped
+    rungs: list[int] = field(default_factory=list)  # rung results recorded, per rung
+    running_per_rung: list[int] = field(default_factory=list)
+    samples_used: int = 0
+    device_seconds: float = 0.0
+    best: dict[str, Any] | None = None  # {"trial", "value", "objectives": {name: accuracy}}
+    front: list[dict[str, Any]] = field(default_factory=list)  # top of the Pareto front
+    hypervolume: float | None = None
+    final: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> objective -> test accuracy
+    budgets: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _TrialView:
+    """A trial's stored facts, read from its attributes (plus what this reconcile has stored since)."""
+
+    trial: FrozenTrial
+    schedule: Schedule
+    stored: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def number(self) -> int:
+        return self.trial.number
+
+    @property
+    def attrs(self) -> Mapping[str, Any]:
+        return ChainMap(self.stored, self.trial.user_attrs)
+
+    @property
+    def bracket(self) -> int:
+        return int(self.attrs.get(BRACKET, 0))
+
+    def result(self, rung: int) -> dict[str, Any] | None:
+        return self.attrs.get(result_key(rung))
+
+    def decision(self, rung: int) -> str | None:
+        return self.attrs.get(decision_key(rung))
+
+    def failures(self, rung: int) -> list[dict[str, Any]]:
+        return list(self.attrs.get(failures_key(rung), []))
+
+    @property
+    def rung(self) -> int:
+        """The rung in flight (or the last one, once decided)."""
+        rung = self.bracket
+        while self.decision(rung) == "promote" and rung < self.schedule.top_rung:
+            rung += 1
+        return rung
+
+    def counts(self, up_to: int) -> dict[str, tuple[int, int]]:
+        """(correct, evaluated) per task over every rung up to `up_to`."""
+        total: dict[str, tuple[int, int]] = {}
+        for rung in range(self.bracket, up_to + 1):
+            result = self.result(rung)
+            if result is None:
+                continue
+            for task, (correct, evaluated) in result["tasks"].items():
+                c, e = total.get(task, (0, 0))
+                total[task] = (c + correct, e + evaluated)
+        return total
+
+    def samples_used(self) -> int:
+        return sum(
+            e for rung in range(self.schedule.rungs) for _, e in (self.result(rung) or {"tasks": {}})["tasks"].values()
+        )
+
+    def seconds(self) -> float:
+        total = 0.0
+        for rung in range(self.schedule.rungs):
+            result = self.result(rung)
+            total += result["seconds"] if result else 0.0
+            total += sum(f.get("seconds", 0.0) for f in self.failures(rung))
+        return total
+
+
+def accuracies(counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
+    return {task: (c / e if e else 0.0) for task, (c, e) in counts.items()}
+
+
+class SearchController:
+    def __init__(
+        self,
+        *,
+        name: str,
+        spec: MergeSearchSpec,
+        study: optuna.Study,
+        space: SearchSpace,
+        facts: ModelFacts,
+        executor: Executor,
+        storage: optuna.storages.BaseStorage,
+    ):
+        self.name = name
+        self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
+        self.study_id = storage.get_study_id_from_name(study.study_name)
+        self._trial_ids: dict[int, int] = {}
+        self.spec = spec
+        self.study = study
+        self.space = space
+        self.facts = facts
+        self.executor = executor
+        fidelity = spec.fidelity
+        self.schedule = (
+            Schedule.build(fidelity.min_samples, fidelity.max_samples, fidelity.reduction_factor)
+            if spec.search.multi_fidelity
+            else Schedule.single_fidelity(fidelity.max_samples)
+        )
+        self.objective_weights = {o.name: o.weight for o in spec.objectives}
+        self.pareto = spec.search.objective_mode == "pareto"
+        self.tasks = [o.task() for o in spec.objectives]
+
+    # --- names and specs ------------------------------------------------------------------------------
+
+    def run_name(self, trial: int, rung: int, attempt: int) -> str:
+        return f"{self.name}-t{trial}-r{rung}" + (f"-a{attempt}" if attempt else "")
+
+    def _trial_spec(
+        self, name: str, plan: MergePlan, *, rung: int | None, bracket: int = 0, output_uri: str | None = None
+    ) -> TrialSpec:
+        ranges = {}
+        if rung is not None:
+            ranges = {task.name: self.schedule.sample_range(rung, bracket) for task in self.tasks}
+        return TrialSpec(
+            name=name,
+            plan=plan,
+            tasks=self.tasks,
+            split="search" if rung is not None else "test",
+            ranges=ranges,
+            backend=self.spec.trial.backend,
+            engine_args=self.spec.trial.engine_args,
+            output_uri=output_uri,
+        )
+
+    def _plan(self, trial: FrozenTrial) -> MergePlan:
+        plan = self.space.plan_of(dict(trial.params))
+        assert not isinstance(plan, Skip), "a launched trial's plan cannot be skipped"
+        return plan
+
+    # --- scores ---------------------------------------------------------------------------------------
+
+    def _objective_values(self, counts: Mapping[str, tuple[int, int]]) -> list[float]:
+        acc = accuracies(counts)
+        return [acc.get(task.name, 0.0) for task in self.tasks]
+
+    def _score(self, view: _TrialView, rung: int, weights: list[float] | None) -> float:
+        """The number that ranks trials at a rung: the weighted mean, or a Chebyshev scalarisation."""
+        values = self._objective_values(view.counts(rung))
+        if weights is None:
+            return weighted_score(dict(zip([t.name for t in self.tasks], values, strict=True)), self.objective_weights)
+        return chebyshev(values, weights)
+
+    def _weights_of(self, view: _TrialView) -> list[float] | None:
+        return view.attrs.get(WEIGHTS) if self.pareto else None
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def reconcile(self) -> SearchStatus:
+        self._initialize()
+        views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
+        usage = self._usage(views)
+        failed = sum(1 for v in views if v.trial.state == TrialState.FAIL)
+        if failed >= self.spec.budget.max_failed_trials:
+            self._stop_running(views, reason=f"{failed} trials failed (budget.maxFailedTrials)")
+            return self._status(Phase.FAILED, f"stopped: {failed} trials failed, budget.maxFailedTrials reached")
+
+        exhausted = self._exhausted(usage)
+        launching = not self.spec.suspend
+        in_flight = 0
+        for view in views:
+            if view.trial.state == TrialState.RUNNING:
+                in_flight += self._drive(view, views, launching=launching, exhausted=exhausted)
+
+        started = sum(
+            1
+            for v in views
+            if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.trial.state != TrialState.WAITING
+        )
+        more_trials = started < self.spec.budget.max_trials and not exhausted
+        skips = 0
+        while launching and more_trials and in_flight < self.spec.budget.parallel_trials:
+            if self._launch_new():
+                started += 1
+                in_flight += 1
+            else:
+                skips += 1
+                if skips >= MAX_SKIPS_PER_RECONCILE:  # the sampler keeps proposing stacks over the cap
+                    break
+            more_trials = started < self.spec.budget.max_trials
+
+        if in_flight:
+            phase = Phase.RUNNING if launching else Phase.SUSPENDED
+            return self._status(phase, self._progress_message(exhausted))
+        if more_trials:
+            return self._status(Phase.SUSPENDED if not launching else Phase.RUNNING, self._progress_message(exhausted))
+        return self._finalize(launching)
+
+    def _initialize(self) -> None:
+        if self.study.user_attrs.get(INITIALIZED):
+            return
+        for params in self.space.initial_params():
+            self.study.enqueue_trial(params, skip_if_exists=True)
+        self.study.set_user_attr(INITIALIZED, True)
+
+    def _usage(self, views: Iterable[_TrialView]) -> tuple[int, float]:
+        samples = seconds = 0
+        for view in views:
+            samples += view.samples_used()
+            seconds += view.seconds()
+        return samples, seconds * self.executor.accelerators_per_run
+
+    def _exhausted(self, usage: tuple[int, float]) -> bool:
+        samples, device_seconds = usage
+        budget = self.spec.budget
+        return bool(
+            (budget.max_samples is not None and samples >= budget.max_samples)
+            or (budget.max_gpu_seconds is not None and device_seconds >= budget.max_gpu_seconds)
+        )
+
+    def _launch_new(self) -> bool:
+        """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
+        trial = self.study.ask()
+        bracket = self.schedule.bracket_of(trial.number, salt=self.name)
+        trial.set_user_attr(BRACKET, bracket)
+        if self.pareto:
+            trial.set_user_attr(WEIGHTS, parego_weights(trial.number, len(self.tasks), self.spec.search.seed))
+        plan = self.space.suggest(trial)
+        if isinstance(plan, Skip):
+            trial.set_user_attr(SKIPPED, plan.reason)
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return False
+        trial.set_user_attr(READY, True)
+        name = self.run_name(trial.number, bracket, 0)
+        self.executor.start(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
+        return True
+
+    def _trial_id(self, number: int) -> int:
+        if number not in self._trial_ids:
+            self._trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
+        return self._trial_ids[number]
+
+    def _store(self, view: _TrialView, key: str, value: Any) -> None:
+        self.storage.set_trial_user_attr(self._trial_id(view.number), key, value)
+        view.stored[key] = value
+
+    def _drive(self, view: _TrialView, views: list[_TrialView], *, launching: bool, exhausted: bool) -> int:
+        """Move one running trial forward; return 1 if it still has a run in flight, else 0."""
+        if not view.attrs.get(READY):
+            # The controller stopped between asking and launching: the parameters may be incomplete.
+            self._store(view, INTERRUPTED, "the controller stopped before this trial was launched")
+            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+            return 0
+        rung = view.rung
+        decision = view.decision(rung)
+        if decision is not None and not (decision == "promote" and rung < self.schedule.top_rung):
+            self._act(view, rung, decision)
+            return 0
+        if view.result(rung) is not None:
+            decision = self._decide(view, views, rung, exhausted)
+            self._store(view, decision_key(rung), decision)
+            if decision != "promote":
+                self._act(view, rung, decision)
+                return 0
+            rung += 1
+        attempt = len(view.failures(rung))
+        name = self.run_name(view.number, rung, attempt)
+        status = self.executor.poll(name)
+        if status.phase is RunPhase.MISSING:
+            if not launching:
+                return 0
+            self.executor.start(self._trial_spec(name, self._plan(view.trial), rung=rung, bracket=view.bracket))
+            return 1
+        if status.phase is RunPhase.RUNNING:
+            return 1
+        if status.phase is RunPhase.SUCCEEDED:
+            self._record_result(view, rung, status)
+            self.executor.release(name)
+            return self._drive(view, views, launching=launching, exhausted=exhausted)
+        return self._record_failure(view, rung, name, status, launching=launching)
+
+    def _record_result(self, view: _TrialView, rung: int, status: RunStatus) -> None:
+        assert status.result is not None
+        expected = self.schedule.sample_range(rung, view.bracket)
+        for task in self.tasks:
+            got = status.result.ranges.get(task.name)
+            if got is not None and tuple(got) != expected:
+                raise RuntimeError(f"run for trial {view.number} rung {rung} evaluated {got}, expected {expected}")
+        record = {
+            "tasks": {t: [c.correct, c.evaluated] for t, c in status.result.tasks.items()},
+            "seconds": status.seconds,
+            "at": time.time(),
+        }
+        self._store(view, result_key(rung), record)
+        if not self.pareto:  # a learning curve for the dashboard, and what TPE ranks pruned trials by
+            score = self._score(view, rung, None)
+            self.storage.set_trial_intermediate_value(self._trial_id(view.number), self.schedule.budgets[rung], score)
+
+    def _record_failure(self, view: _TrialView, rung: int, name: str, status: RunStatus, *, launching: bool) -> int:
+        failure = {"run": name, "kind": status.failure, "reason": status.reason[:500], "seconds": status.seconds}
+        failures = [*view.failures(rung), failure]
+        self._store(view, failures_key(rung), failures)
+        self.executor.release(name)
+        if status.failure == "user" or len(failures) > self.spec.budget.max_retries:
+            log.warning("trial %d failed at rung %d: %s", view.number, rung, status.reason)
+            self.study.tell(view.number, state=TrialState.FAIL, skip_if_finished=True)
+            return 0
+        if not launching:
+            return 0
+        retry = self.run_name(view.number, rung, len(failures))
+        self.executor.start(self._trial_spec(retry, self._plan(view.trial), rung=rung, bracket=view.bracket))
+        return 1
+
+    def _decide(self, view: _TrialView, views: list[_TrialView], rung: int, exhausted: bool) -> str:
+        if rung == self.schedule.top_rung:
+            return "complete"
+        if exhausted:
+            return "stop"
+        weights = self._weights_of(view)
+        value = self._score(view, rung, weights)
+        competitors = [
+            self._score(other, rung, weights)
+            for other in views
+            if other.bracket == view.bracket and other.result(rung) is not None
+        ]
+        return "promote" if promotable(value, competitors, self.schedule.reduction_factor) else "prune"
+
+    def _act(self, view: _TrialView, rung: int, decision: str) -> None:
+        if decision == "complete":
+            values = self._objective_values(view.counts(rung))
+            if self.pareto:
+                self.study.tell(view.number, values, skip_if_finished=True)
+            else:
+                self.study.tell(view.number, self._score(view, rung, None), skip_if_finished=True)
+        else:  # prune, stop, or a promotion past the top (cannot happen) end the trial as pruned
+            if decision == "stop":
+                self._store(view, STOPPED, "sample or device-time budget exhausted")
+            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+
+    def _stop_running(self, views: list[_TrialView], reason: str) -> None:
+        for view in views:
+            if view.trial.state != TrialState.RUNNING:
+                continue
+            if view.attrs.get(READY):
+                rung = view.rung
+                self.executor.cancel(self.run_name(view.number, rung, len(view.failures(rung))))
+            self._store(view, STOPPED, reason)
+            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+
+    # --- the final stage ------------------------------------------------------------------------------
+
+    def finalists(self) -> dict[str, tuple[int | None, MergePlan]]:
+        """Label -> (trial, plan) for the held-out evaluation: the best (or the front) and the baselines."""
+        completed = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        chosen: dict[str, tuple[int | None, MergePlan]] = {}
+        if completed:
+            if self.pareto:
+                front = self.study.best_trials
+                for index, trial in enumerate(sorted(front, key=lambda t: t.number)):
+                    chosen[f"front-{index}"] = (trial.number, self._plan(trial))
+            else:
+                best = self.study.best_trial
+                chosen["best"] = (best.number, self._plan(best))
+        for label, plan in baselines(self.facts).items():
+            chosen[label] = (None, plan)
+        return chosen
+
+    def _final_run_name(self, label: str, trial: int | None) -> str:
+        slug = label.replace(":", "-").replace("_", "-")
+        return f"{self.name}-final-{slug}" + (f"-t{trial}" if trial is not None else "")
+
+    def _output_uri(self, label: str) -> str | None:
+        base = self.spec.output.uri
+        if base is None or not (label == "best" or label.startswith("front-")):
+            return None
+        return base if label == "best" else f"{base.rstrip('/')}/{label}"
+
+    def _finalize(self, launching: bool) -> SearchStatus:
+        finalists = self.finalists()
+        if not any(trial is not None for trial, _ in finalists.values()):
+            return self._status(Phase.FAILED, "no trial reached the top rung; raise budget.maxTrials or the budgets")
+        final = dict(self.study.user_attrs.get("final", {}))
+        pending = 0
+        for label, (trial, plan) in finalists.items():
+            name = self._final_run_name(label, trial)
+            if final.get(label, {}).get("run") == name:
+                continue
+            status = self.executor.poll(name)
+            if status.phase is RunPhase.MISSING:
+                if launching and pending < self.spec.budget.parallel_trials:
+                    self.executor.start(self._trial_spec(name, plan, rung=None, output_uri=self._output_uri(label)))
+                pending += 1
+            elif status.phase is RunPhase.RUNNING:
+                pending += 1
+            elif status.phase is RunPhase.SUCCEEDED:
+                assert status.result is not None
+                final[label] = {
+                    "run": name,
+                    "trial": trial,
+                    "tasks": {t: [c.correct, c.evaluated] for t, c in status.result.tasks.items()},
+                }
+                self.study.set_user_attr("final", final)
+                self.executor.release(name)
+            else:
+                final[label] = {"run": name, "trial": trial, "error": status.reason[:300]}
+                self.study.set_user_attr("final", final)
+                self.executor.release(name)
+        if pending:
+            return self._status(Phase.FINALIZING, "evaluating the best merge and the baselines on the held-out split")
+        return self._status(Phase.SUCCEEDED, "done")
+
+    def _progress_message(self, exhausted: bool) -> str:
+        if self.spec.suspend:
+            return "suspended: no new trial runs start; running ones finish"
+        if exhausted:
+            return "budget exhausted: finishing running trials"
+        return "searching"
+
+    # --- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> SearchStatus:
+        """The search's status as stored, without driving anything (for `mergesearch status`)."""
+        phase = self.study.user_attrs.get("phase", Phase.PENDING)
+        return self._status(phase, self.study.user_attrs.get("message", ""), persist=False)
+
+    def _status(self, phase: str, message: str, *, persist: bool = True) -> SearchStatus:
+        views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
+        counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0, "skipped": 0}
+        rungs = [0] * self.schedule.rungs
+        running_per_rung = [0] * self.schedule.rungs
+        for view in views:
+            state = view.trial.state
+            if view.attrs.get(SKIPPED):
+                counts["skipped"] += 1
+            elif state == TrialState.RUNNING:
+                counts["running"] += 1
+                running_per_rung[view.rung] += 1
+            elif state == TrialState.COMPLETE:
+                counts["completed"] += 1
+            elif state == TrialState.PRUNED:
+                counts["pruned"] += 1
+            elif state == TrialState.FAIL:
+                counts["failed"] += 1
+            for rung in range(self.schedule.rungs):
+                rungs[rung] += view.result(rung) is not None
+        samples, device_seconds = self._usage(views)
+        status = SearchStatus(
+            phase=phase,
+            message=message,
+            trials=counts,
+            rungs=rungs,
+            running_per_rung=running_per_rung,
+            samples_used=samples,
+            device_seconds=device_seconds,
+            budgets=list(self.schedule.budgets),
+        )
+        completed = [v for v in views if v.trial.state == TrialState.COMPLETE]
+        names = [t.name for t in self.tasks]
+        if completed:
+            points = [self._objective_values(v.counts(self.schedule.top_rung)) for v in completed]
+            if self.pareto:
+                front = pareto_front(points)
+                status.front = [
+                    {"trial": completed[i].number, "objectives": dict(zip(names, points[i], strict=True))}
+                    for i in sorted(front, key=lambda i: -sum(points[i]))[:FRONT_SIZE_IN_STATUS]
+                ]
+                status.hypervolume = hypervolume([points[i] for i in front], [0.0] * len(names))
+            scores = [weighted_score(dict(zip(names, p, strict=True)), self.objective_weights) for p in points]
+            best = max(range(len(completed)), key=lambda i: scores[i])
+            status.best = {
+                "trial": completed[best].number,
+                "value": scores[best],
+                "objectives": dict(zip(names, points[best], strict=True)),
+            }
+        attrs = self.study.user_attrs
+        for label, record in attrs.get("final", {}).items():
+            if "tasks" in record:
+                status.final[label] = {t: (c / e if e else 0.0) for t, (c, e) in record["tasks"].items()}
+        if persist and (attrs.get("phase"), attrs.get("message")) != (phase, message):
+            self.study.set_user_attr("phase", phase)
+            self.study.set_user_attr("message", message)
+        return status

@@ -1,0 +1,118 @@
+"""`mergesearch run` for real: the tiny-model world, the fork server, real merges and evaluations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from mergesearch_operator.search.controller import result_key
+
+MERGESEARCH = [sys.executable, "-m", "mergesearch_operator.cli"]
+
+
+def write_manifest(path: Path, world, *, name: str, max_trials: int, output: Path | None = None) -> Path:
+    objectives = [
+        {
+            "name": task,
+            "data": str(world.split(task, "search")),
+            "testData": str(world.split(task, "test")),
+            "maxNewTokens": 8,
+        }
+        for task in ("reverse", "sort")
+    ]
+    document = {
+        "apiVersion": "mergesearch.io/v1alpha1",
+        "kind": "MergeSearch",
+        "metadata": {"name": name},
+        "spec": {
+            "models": {
+                "base": str(world.model("base")),
+                "experts": [{"name": e, "uri": str(world.model(e))} for e in world.experts],
+            },
+            "searchSpace": {"type": "LFS", "layerGroups": 2, "methods": ["linear", "task_arithmetic", "ties"]},
+            "objectives": objectives,
+            "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
+            "budget": {"maxTrials": max_trials, "parallelTrials": 2},
+            "search": {"seed": 1},
+            "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 300},
+            **({"output": {"uri": str(output)}} if output else {}),
+        },
+    }
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+def study_of(work_dir: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{work_dir / 'study.db'}")
+
+
+@pytest.mark.slow
+def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_path):
+    manifest = write_manifest(tmp_path / "search.yaml", world, name="tiny", max_trials=24, output=tmp_path / "out")
+    work = tmp_path / "work"
+    run = subprocess.run([*MERGESEARCH, "run", str(manifest), "--work-dir", str(work)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    final = study_of(work, "tiny").user_attrs["final"]
+
+    def held_out(label: str) -> float:
+        tasks = final[label]["tasks"]
+        return sum(c / e for c, e in tasks.values()) / len(tasks)
+
+    assert held_out("best") > held_out("task_arithmetic"), {label: held_out(label) for label in final}
+    assert held_out("best") > max(held_out(f"expert:{e}") for e in world.experts)
+    out = tmp_path / "out"
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["reverse"]["split"] == "test" and scores["reverse"]["evaluated"] == 300
+    assert (out / "mergesearch_plan.json").exists()
+
+    status = subprocess.run(
+        [*MERGESEARCH, "status", str(manifest), "--work-dir", str(work)], capture_output=True, text=True
+    )
+    assert status.returncode == 0 and "Succeeded" in status.stdout
+    best = subprocess.run(
+        [*MERGESEARCH, "best", str(manifest), "--work-dir", str(work)], capture_output=True, text=True
+    )
+    assert best.returncode == 0 and '"slices"' in best.stdout
+
+
+@pytest.mark.slow
+def test_killing_the_controller_loses_nothing_and_repeats_nothing(world, tmp_path):
+    manifest = write_manifest(tmp_path / "search.yaml", world, name="killed", max_trials=10)
+    work = tmp_path / "work"
+    command = [*MERGESEARCH, "run", str(manifest), "--work-dir", str(work)]
+    first = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        try:
+            done = sum(
+                result_key(0) in t.user_attrs or result_key(1) in t.user_attrs for t in study_of(work, "killed").trials
+            )
+        except Exception:  # the study is not created yet
+            continue
+        if done >= 3:
+            break
+    os.kill(first.pid, signal.SIGKILL)  # mid-search: runs in flight keep going on their own
+    first.wait()
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:]
+    started = [line.split()[1] for line in (work / "runs.log").read_text().splitlines()]
+    assert len(started) == len(set(started)), "a run was started twice"
+    study = study_of(work, "killed")
+    assert len([t for t in study.trials if not t.user_attrs.get("interrupted")]) == 10
+    for trial in study.trials:
+        rungs = [k for k in range(3) if result_key(k) in trial.user_attrs]
+        if rungs:
+            evaluated = sum(trial.user_attrs[result_key(k)]["tasks"]["reverse"][1] for k in rungs)
+            assert evaluated == (20, 60, 180)[max(rungs)], "samples were counted twice or lost"

@@ -1,0 +1,100 @@
+"""Search spaces: conditional parameters, plans rebuilt from stored parameters, the initial design."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergesearch_operator.spaces import DepthwiseIntegration, LayerwiseFusion, ModelFacts, Skip
+from mergesearch_operator.spaces.baselines import baselines
+from mergesearch_operator.spaces.lfs import layer_groups
+from mergesearch_trial_runner.merge.engine import merge_to_directory
+from mergesearch_trial_runner.testbed.models import random_llama
+
+from .conftest import FACTS
+
+
+def test_layer_groups_cover_every_layer_once():
+    assert layer_groups(10, groups=4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
+    assert layer_groups(10, per_group=4) == [(0, 4), (4, 7), (7, 10)]
+    with pytest.raises(ValueError, match="do not fit"):
+        layer_groups(4, groups=5)
+
+
+def test_lfs_asks_only_for_the_chosen_methods_parameters():
+    space = LayerwiseFusion(FACTS, methods=["linear", "ties", "slerp"], tensor_groups=["self_attn", "mlp"], groups=2)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(30):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        for g in range(2):
+            method = trial.params[f"g{g}.method"]
+            others = {p for p in trial.params if p.startswith(f"g{g}.") and p != f"g{g}.method"}
+            assert all(p.startswith(f"g{g}.{method}.") for p in others), others
+        assert plan.num_layers == 4
+        study.tell(trial, 0.0)
+    ties_params = [p for p in study.trials[0].distributions if ".ties." in p]
+    assert len(ties_params) in (0, 15, 30)  # 3 experts x 3 tensor groups weights + density + lambda per group
+
+
+def test_plans_are_rebuilt_from_stored_parameters():
+    space = LayerwiseFusion(
+        FACTS, methods=["linear", "task_arithmetic", "ties", "dare_ties", "slerp"], tensor_groups=["mlp"], groups=2
+    )
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(10):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        study.tell(trial, 0.0)
+        assert space.plan_of(study.trials[-1].params) == plan
+
+
+def test_dis_stacks_picked_experts_in_order_and_falls_back_to_the_base():
+    space = DepthwiseIntegration(FACTS, max_depth=12)
+    params = {}
+    for p in range(4):
+        for e in FACTS.experts:
+            params[f"p{p}.{e}"] = False
+        params[f"p{p}.scale"] = 1.0
+    params.update({"p1.sort": True, "p1.reverse": True, "p1.order.reverse+sort": "sort+reverse", "p1.scale": 1.1})
+    plan = space.plan_of(params)
+    models = [(s.sources[0].model, s.sources[0].layers[0], s.output_scale) for s in plan.slices]
+    assert models == [("base", 0, 1.0), ("sort", 1, 1.0), ("reverse", 1, 1.1), ("base", 2, 1.0), ("base", 3, 1.0)]
+    assert isinstance(DepthwiseIntegration(FACTS, max_depth=4).plan_of(params), Skip)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    uris = {name: str(random_llama(root / name, seed=i)) for i, name in enumerate(("base", *FACTS.experts))}
+    return ModelFacts(model_uris=uris, experts=FACTS.experts, num_layers=4), root
+
+
+def merged(plan, out):
+    merge_to_directory(plan, out, model_dirs=plan.models)
+    return load_file(next(out.glob("*.safetensors")))
+
+
+def test_lfs_initial_design_merges_to_the_baselines(tiny):
+    facts, root = tiny
+    space = LayerwiseFusion(
+        facts, methods=["linear", "task_arithmetic", "ties"], tensor_groups=["self_attn", "mlp"], groups=2
+    )
+    design = [space.plan_of(params) for params in space.initial_params()]
+    expected = baselines(facts)
+    labels = [f"expert:{e}" for e in facts.experts] + ["task_arithmetic", "ties"]
+    for index, (label, plan) in enumerate(zip(labels, design, strict=True)):
+        ours, theirs = merged(plan, root / f"design{index}"), merged(expected[label], root / f"baseline{index}")
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-6, msg=f"{label}: {name}")
+
+
+def test_dis_initial_design_reproduces_each_expert(tiny):
+    facts, root = tiny
+    space = DepthwiseIntegration(facts)
+    for index, params in enumerate(space.initial_params()):
+        ours = merged(space.plan_of(params), root / f"dis{index}")
+        expert = load_file(root / facts.experts[index] / "model.safetensors")
+        assert all(torch.equal(ours[name], expert[name]) for name in expert)

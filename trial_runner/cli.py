@@ -1,0 +1,181 @@
+"""`mergesearch-trial run SPEC.json`: what a trial pod (or a local trial process) runs.
+
+fetch the models (through the node's cache) -> merge the plan -> evaluate the asked sample ranges ->
+report. With the `hf` backend the merged model never touches the disk (it is merged into memory and
+loaded from there); vLLM loads from a directory, so the merge is written to the scratch directory
+first. The report is a `TrialResult`: on stdout, in the spec's result file and in
+/dev/termination-log when it exists; the exit code says whether a retry can help (see `spec`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from .checkpoint import CheckpointError
+from .plan.export import to_mergekit_yaml
+from .plan.tensors import PlanError
+from .spec import (
+    EXIT_INFRASTRUCTURE_ERROR,
+    EXIT_OK,
+    EXIT_USER_ERROR,
+    Counts,
+    TrialResult,
+    TrialSpec,
+)
+from .store import ModelStore, StoreError
+from .tasks import Sample, TaskDataError, TaskSpec, parse_samples, sample_range, split_samples
+
+TERMINATION_LOG = Path("/dev/termination-log")
+
+
+class TrialError(Exception):
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_samples(store: ModelStore, task: TaskSpec, spec: TrialSpec) -> list[Sample]:
+    data = parse_samples(store.read_bytes(task.data).decode(), kind=task.kind, source=task.data)
+    test = None
+    if task.test_data is not None:
+        test = parse_samples(store.read_bytes(task.test_data).decode(), kind=task.kind, source=task.test_data)
+    splits = split_samples(task, data, test)
+    if spec.split == "test":
+        return splits["test"]
+    start, end = spec.ranges.get(task.name, (0, len(splits["search"])))
+    return sample_range(splits["search"], start, end, task=task.name)
+
+
+def run_trial(spec: TrialSpec) -> TrialResult:
+    from .evaluate.base import InMemoryModel
+    from .evaluate.registry import open_evaluator, validate_settings
+    from .merge.engine import merge_to_directory, merge_to_state_dict
+    from .merge.memory import return_large_blocks_to_the_system
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 3)
+        return now
+
+    settings = validate_settings(spec.backend, spec.engine_args)
+    store = ModelStore(spec.cache_dir)
+    used = {m for s in spec.plan.slices for m in s.models()} | {spec.plan.config_model}
+    model_dirs = {name: store.fetch_model(uri) for name, uri in spec.plan.models.items() if name in used}
+    samples = {task.name: load_samples(store, task, spec) for task in spec.tasks}
+    mark = lap("fetch", started)
+
+    return_large_blocks_to_the_system()
+    device = _device(spec.device)
+    merged_dir = Path(spec.scratch_dir) / "merged"
+    if spec.backend == "hf" and spec.output_uri is None:
+        model: Path | InMemoryModel = InMemoryModel(
+            *merge_to_state_dict(spec.plan, model_dirs=model_dirs, device=device)
+        )
+    else:
+        merge_to_directory(spec.plan, merged_dir, model_dirs=model_dirs, device=device)
+        model = merged_dir
+    mark = lap("merge", mark)
+
+    counts: dict[str, Counts] = {}
+    generated = 0
+    with open_evaluator(spec.backend, model=model, settings=settings) as evaluator:
+        mark = lap("load", mark)
+        for task in spec.tasks:
+            result = evaluator.evaluate(task=task, samples=samples[task.name])
+            counts[task.name] = Counts(correct=result.correct, evaluated=result.evaluated)
+            generated += result.generated_tokens
+        mark = lap("evaluate", mark)
+
+    if spec.output_uri is not None:
+        scores = {
+            name: {"correct": c.correct, "evaluated": c.evaluated, "split": spec.split} for name, c in counts.items()
+        }
+        extra = {
+            "mergesearch_plan.json": spec.plan.to_json().encode(),
+            "scores.json": json.dumps(scores, indent=1).encode(),
+        }
+        recipe = to_mergekit_yaml(spec.plan)
+        if recipe is not None:
+            extra["mergekit.yaml"] = recipe.encode()
+        store.upload_model(merged_dir, spec.output_uri, extra_files=extra)
+        mark = lap("upload", mark)
+    timings["total"] = round(time.perf_counter() - started, 3)
+    return TrialResult(
+        name=spec.name,
+        ok=True,
+        tasks=counts,
+        ranges={t.name: spec.ranges[t.name] for t in spec.tasks if t.name in spec.ranges},
+        timings=timings,
+        generated_tokens=generated,
+    )
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(error kind, message): whether re-running the same spec could succeed."""
+    if isinstance(exc, StoreError):
+        return ("infrastructure" if exc.retryable else "user"), str(exc)
+    if isinstance(exc, PlanError | CheckpointError | TaskDataError | ValidationError | ValueError):
+        return "user", f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "infrastructure", f"OutOfMemory: {exc}"
+    return "infrastructure", f"{type(exc).__name__}: {exc}"
+
+
+def report(result: TrialResult, spec: TrialSpec | None) -> None:
+    text = result.compact_json()
+    print(text, flush=True)
+    if spec is not None and spec.result_file:
+        path = Path(spec.result_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    if TERMINATION_LOG.exists():
+        with contextlib.suppress(OSError):
+            TERMINATION_LOG.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mergesearch-trial", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run one trial spec")
+    run.add_argument("spec", help="the trial spec (JSON)")
+    args = parser.parse_args(argv)
+
+    spec: TrialSpec | None = None
+    try:
+        spec = TrialSpec.model_validate_json(Path(args.spec).read_text())
+        result = run_trial(spec)
+    except Exception as exc:  # every failure is reported, classified, never lost
+        kind, message = classify(exc)
+        traceback.print_exc(file=sys.stderr)
+        result = TrialResult(
+            name=spec.name if spec else Path(args.spec).stem, ok=False, error_kind=kind, message=message
+        )  # type: ignore[arg-type]
+        report(result, spec)
+        return EXIT_USER_ERROR if kind == "user" else EXIT_INFRASTRUCTURE_ERROR
+    report(result, spec)
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # vLLM's engine starts worker processes: the entry point must be guarded
+    sys.exit(main())
