@@ -126,6 +126,41 @@ def _best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _operator(args: argparse.Namespace) -> int:
+    import kopf
+
+    from .k8s import handlers  # noqa: F401 - registers the handlers with kopf
+
+    if not args.namespace and not args.all_namespaces:
+        raise SystemExit("give --namespace NS (repeatable) or --all-namespaces")
+    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.FULL)
+    kopf.run(
+        standalone=True,
+        clusterwide=args.all_namespaces,
+        namespaces=args.namespace or (),
+        liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz",
+        memo=kopf.Memo(metrics_port=args.metrics_port),
+    )
+    return 0
+
+
+def _crd(args: argparse.Namespace) -> int:
+    from .k8s.crd import crd_yaml
+
+    sys.stdout.write(crd_yaml())
+    return 0
+
+
+def _reference(args: argparse.Namespace) -> int:
+    from .reference import reference_markdown, update_readme
+
+    if args.update:
+        update_readme(Path(args.update))
+    else:
+        print(reference_markdown())
+    return 0
+
+
 def _add_search_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("manifest", help="a MergeSearch manifest (YAML)")
     command.add_argument(
@@ -159,6 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="device for the arithmetic (cpu, cuda, cuda:1, ...)")
     merge.add_argument("--shard-size-gb", type=float, default=2.0, help="largest output shard, in GiB")
     merge.set_defaults(handler=_merge)
+
+    operator = commands.add_parser("operator", help="run the Kubernetes operator (kopf)")
+    operator.add_argument("--namespace", action="append", help="namespace to serve (repeatable)")
+    operator.add_argument("--all-namespaces", action="store_true", help="serve every namespace")
+    operator.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics")
+    operator.add_argument("--health-port", type=int, default=8081, help="liveness probe at :PORT/healthz")
+    operator.add_argument("--verbose", action="store_true", help="log kopf's debug messages")
+    operator.set_defaults(handler=_operator)
+
+    crd = commands.add_parser("crd", help="print the MergeSearch CustomResourceDefinition (YAML)")
+    crd.set_defaults(handler=_crd)
+
+    reference = commands.add_parser("reference", help="print the MergeSearch field reference (Markdown)")
+    reference.add_argument("--update", metavar="README", help="rewrite the reference between README's markers")
+    reference.set_defaults(handler=_reference)
 
     testbed = commands.add_parser(
         "testbed", help="build (or find cached) the tiny-model world: a base, three experts and their tasks"

@@ -56,7 +56,7 @@ class Models(_Spec):
 class LFSSpace(_Spec):
     """Layer-wise fusion: per group of consecutive layers, a merge method and its parameters."""
 
-    type: Literal["LFS"]
+    type: Literal["LFS"] = Field(description="LFS (layer-wise fusion) or DIS (depth-wise integration)")
     layer_groups: int | None = Field(default=None, ge=1, description="number of contiguous layer groups")
     layers_per_group: int | None = Field(default=None, ge=1, description="alternative to layerGroups")
     methods: list[Literal[SEARCHABLE_METHODS]] = Field(  # type: ignore[valid-type]
@@ -83,7 +83,7 @@ class LFSSpace(_Spec):
 class DISSpace(_Spec):
     """Depth-wise integration: per depth position, which experts' layers to stack, in which order, how scaled."""
 
-    type: Literal["DIS"]
+    type: Literal["DIS"] = Field(description="LFS (layer-wise fusion) or DIS (depth-wise integration)")
     max_depth: int | None = Field(
         default=None, ge=1, description="cap on the merged model's layers (default: 1.5x the base's)"
     )
@@ -109,7 +109,7 @@ class Objective(TaskSpec):
         alias_generator=AliasGenerator(validation_alias=to_camel, serialization_alias=to_camel),
         populate_by_name=True,
     )
-    weight: float = Field(default=1.0, gt=0)
+    weight: float = Field(default=1.0, gt=0, description="weight in the weighted mean (objectiveMode: weighted)")
 
     def task(self) -> TaskSpec:
         return TaskSpec.model_validate(self.model_dump(exclude={"weight"}))
@@ -140,8 +140,8 @@ class Budget(_Spec):
 
 
 class Search(_Spec):
-    sampler: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
+    sampler: Literal["tpe", "random"] = Field(default="tpe", description="Optuna sampler: TPE or random search")
+    seed: int = Field(default=0, description="seeds the sampler, the brackets' draw and DARE")
     objective_mode: Literal["weighted", "pareto"] = Field(
         default="weighted", description="weighted: maximise the weighted sum; pareto: keep the Pareto front"
     )
@@ -149,7 +149,7 @@ class Search(_Spec):
 
 
 class SecretKeyRef(_Spec):
-    name: str
+    name: str = Field(description="a Secret in the search's namespace")
 
 
 class Storage(_Spec):
@@ -172,13 +172,13 @@ class Trial(_Spec):
     image: str = Field(default="ghcr.io/mergesearch/trial-runner:0.1.0", description="trial runner image")
     backend: Literal["vllm", "hf"] = Field(default="vllm", description="evaluation engine")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to the backend (e.g. max_model_len)")
-    resources: dict[str, dict[str, str]] = Field(
-        default_factory=lambda: {"limits": {"nvidia.com/gpu": "1"}}, description="container resources"
+    resources: dict[str, dict[str, int | str]] = Field(
+        default_factory=lambda: {"limits": {"nvidia.com/gpu": 1}}, description="container resources (limits, requests)"
     )
     timeout_seconds: int = Field(default=3600, ge=60, description="a trial run's deadline")
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    service_account_name: str | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict, description="trial pods' nodeSelector")
+    tolerations: list[Toleration] = Field(default_factory=list, description="trial pods' tolerations")
+    service_account_name: str | None = Field(default=None, description="trial pods' service account")
     cache_volume: dict[str, Any] | None = Field(
         default=None, description="volume for the node's shared weight cache (e.g. {hostPath: {path: /var/cache/ms}})"
     )
@@ -189,15 +189,19 @@ class Output(_Spec):
 
 
 class MergeSearchSpec(_Spec):
-    models: Models
-    search_space: Annotated[LFSSpace | DISSpace, Field(discriminator="type")]
-    objectives: list[Objective] = Field(min_length=1)
-    fidelity: Fidelity = Field(default_factory=Fidelity)
-    budget: Budget = Field(default_factory=Budget)
-    search: Search = Field(default_factory=Search)
-    trial: Trial = Field(default_factory=Trial)
-    storage: Storage = Field(default_factory=Storage)
-    output: Output = Field(default_factory=Output)
+    models: Models = Field(description="the base model and the experts fine-tuned from it")
+    search_space: Annotated[LFSSpace | DISSpace, Field(discriminator="type")] = Field(
+        description="what the search may choose: per layer group (LFS) or per depth position (DIS)"
+    )
+    objectives: list[Objective] = Field(min_length=1, description="the tasks whose accuracy the merge should maximise")
+    fidelity: Fidelity = Field(
+        default_factory=Fidelity, description="samples per objective from the first to the last rung"
+    )
+    budget: Budget = Field(default_factory=Budget, description="how much the search may spend, and how fast")
+    search: Search = Field(default_factory=Search, description="the optimizer")
+    trial: Trial = Field(default_factory=Trial, description="how trial pods run")
+    storage: Storage = Field(default_factory=Storage, description="where credentials come from")
+    output: Output = Field(default_factory=Output, description="where the best merge goes")
     suspend: bool = Field(default=False, description="stop launching trial runs; running ones finish")
 
     @model_validator(mode="after")

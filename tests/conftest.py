@@ -22,3 +22,22 @@ def world(cache_dir: Path):
     from mergesearch_trial_runner.testbed.models import build_world
 
     return build_world(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS `weed mini`) on free loopback ports, for the session; see tests/support/s3.py."""
+    from support.s3 import s3_server as running_s3_server
+
+    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL 15 server on a free loopback port; see tests/support/postgres.py."""
+    from support.postgres import PostgresServer
+
+    server = PostgresServer().start()
+    yield server
+    server.stop()

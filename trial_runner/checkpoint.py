@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,8 @@ from typing import Any
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
-_PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+# torch.save / pickle formats: opening one runs arbitrary code, so they are never read (nor downloaded).
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 # Bytes per element of each safetensors dtype name.
@@ -54,77 +55,107 @@ class TensorInfo:
         return self.end - self.start
 
 
+def is_pickled(name: str) -> bool:
+    """Whether a file name is a pickled weight file (`*.bin`, `*.pt`, ...), which MergeSearch never opens."""
+    return name.lower().endswith(PICKLED_SUFFIXES)
+
+
+def header_length(prefix: bytes, size: int, source: str) -> int:
+    """The JSON header length declared by the first 8 bytes of a safetensors file of `size` bytes."""
+    if len(prefix) < 8:
+        raise CheckpointError(f"{source}: not a safetensors file (only {len(prefix)} bytes)")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > _MAX_HEADER_BYTES or 8 + length > size:
+        raise CheckpointError(
+            f"{source}: corrupt or truncated safetensors header (declares {length} bytes, file has {size})"
+        )
+    return int(length)
+
+
+def parse_header(data: bytes, source: str) -> dict[str, Any]:
+    """The JSON header itself (the `header_length` bytes after the first 8)."""
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: safetensors header is not valid JSON ({exc})") from None
+
+
 def read_header(path: Path) -> tuple[dict[str, Any], int]:
     """The JSON header of one safetensors file and the offset where its data begins."""
     size = path.stat().st_size
     with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {len(prefix)} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
-            raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors header (declares {header_len} bytes, file has {size})"
-            )
-        try:
-            header = json.loads(handle.read(header_len))
-        except ValueError as exc:
-            raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from None
-    return header, 8 + header_len
+        length = header_length(handle.read(8), size, str(path))
+        header = parse_header(handle.read(length), str(path))
+    return header, 8 + length
 
 
-def read_tensor_infos(path: Path) -> dict[str, TensorInfo]:
-    header, data_start = read_header(path)
-    size = path.stat().st_size
-    infos = {}
+def tensor_layout(
+    header: dict[str, Any], data_start: int, size: int, source: str
+) -> Iterator[tuple[str, str, tuple[int, ...], int, int]]:
+    """(name, dtype, shape, start, end) of every tensor in a parsed header, with absolute byte offsets,
+    checked against the dtype's size and the file's `size` (a truncated download fails here)."""
     for name, entry in header.items():
         if name == "__metadata__":
             continue
         dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in DTYPE_SIZES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {dtype}")
+            raise CheckpointError(f"{source}: tensor {name} has unsupported dtype {dtype}")
         expected = DTYPE_SIZES[dtype]
         for dim in shape:
             expected *= dim
         if end - begin != expected:
             raise CheckpointError(
-                f"{path}: tensor {name} has {end - begin} bytes but shape {list(shape)} of {dtype} needs {expected}"
+                f"{source}: tensor {name} has {end - begin} bytes but shape {list(shape)} of {dtype} needs {expected}"
             )
         if data_start + end > size:
             raise CheckpointError(
-                f"{path}: truncated: tensor {name} ends at byte {data_start + end} but the file has {size} bytes; "
+                f"{source}: truncated: tensor {name} ends at byte {data_start + end} but the file has {size} bytes; "
                 "download it again"
             )
-        infos[name] = TensorInfo(name, dtype, shape, path, data_start + begin, data_start + end)
-    return infos
+        yield name, dtype, shape, data_start + begin, data_start + end
 
 
-def safetensors_files(model_dir: Path) -> list[Path]:
-    """The checkpoint's safetensors files (sharded through the index, or the single file)."""
-    index = model_dir / SAFETENSORS_INDEX
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({model_dir / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.exists()]
+def read_tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    header, data_start = read_header(path)
+    size = path.stat().st_size
+    return {
+        name: TensorInfo(name, dtype, shape, path, start, end)
+        for name, dtype, shape, start, end in tensor_layout(header, data_start, size, str(path))
+    }
+
+
+def select_weight_files(names: Collection[str], read_index: Callable[[], dict[str, Any]], where: str) -> list[str]:
+    """Which of a model directory's file `names` hold its weights: the shards its index names, else the
+    single file, else every `*.safetensors`. `read_index` returns the parsed index when there is one.
+    Shared by local directories and remote prefixes, so both choose (and refuse) alike."""
+    if SAFETENSORS_INDEX in names:
+        files = sorted(set(read_index()["weight_map"].values()))
+        missing = [name for name in files if name not in names]
         if missing:
-            raise CheckpointError(f"{model_dir}: {SAFETENSORS_INDEX} names shards that are missing: {missing}")
+            raise CheckpointError(f"{where}: {SAFETENSORS_INDEX} names shards that are missing: {missing}")
         return files
-    single = model_dir / SAFETENSORS_SINGLE
-    if single.exists():
-        return [single]
-    found = sorted(model_dir.glob("*.safetensors"))
+    if SAFETENSORS_SINGLE in names:
+        return [SAFETENSORS_SINGLE]
+    found = sorted(name for name in names if name.endswith(".safetensors"))
     if found:
         return found
-    pickled = [name for name in _PICKLED if (model_dir / name).exists()]
+    pickled = sorted(name for name in names if is_pickled(name))
     if pickled:
         raise CheckpointError(
-            f"{model_dir}: only pickled weights ({pickled[0]}) found; MergeSearch never unpickles downloaded files. "
+            f"{where}: only pickled weights ({pickled[0]}) found; MergeSearch never unpickles downloaded files. "
             "Convert the model to safetensors first "
             "(e.g. save_pretrained(..., safe_serialization=True) on a trusted machine)"
         )
     raise CheckpointError(
-        f"{model_dir}: no safetensors weights found (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})"
+        f"{where}: no safetensors weights found (expected {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX})"
     )
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The checkpoint's safetensors files (sharded through the index, or the single file)."""
+    names = {path.name for path in model_dir.iterdir() if path.is_file()}
+    read_index = lambda: json.loads((model_dir / SAFETENSORS_INDEX).read_text())  # noqa: E731
+    return [model_dir / name for name in select_weight_files(names, read_index, str(model_dir))]
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -32,8 +33,6 @@ from .spec import (
 )
 from .store import ModelStore, StoreError
 from .tasks import Sample, TaskDataError, TaskSpec, parse_samples, sample_range, split_samples
-
-TERMINATION_LOG = Path("/dev/termination-log")
 
 
 class TrialError(Exception):
@@ -149,28 +148,33 @@ def report(result: TrialResult, spec: TrialSpec | None) -> None:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
-    if TERMINATION_LOG.exists():
+    # In a pod, where the kubelet reads the termination message (the pod spec sets both to one path).
+    termination_log = os.environ.get("MERGESEARCH_TERMINATION_LOG")
+    if termination_log and Path(termination_log).is_file():
         with contextlib.suppress(OSError):
-            TERMINATION_LOG.write_text(text)
+            Path(termination_log).write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mergesearch-trial", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run one trial spec")
-    run.add_argument("spec", help="the trial spec (JSON)")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("spec", nargs="?", help="the trial spec (a JSON file)")
+    source.add_argument("--spec-env", help="read the trial spec (JSON) from this environment variable (trial pods)")
     args = parser.parse_args(argv)
 
     spec: TrialSpec | None = None
+    label = args.spec_env or Path(args.spec).stem
     try:
-        spec = TrialSpec.model_validate_json(Path(args.spec).read_text())
+        text = os.environ[args.spec_env] if args.spec_env else Path(args.spec).read_text()
+        spec = TrialSpec.model_validate_json(text)
         result = run_trial(spec)
     except Exception as exc:  # every failure is reported, classified, never lost
         kind, message = classify(exc)
         traceback.print_exc(file=sys.stderr)
-        result = TrialResult(
-            name=spec.name if spec else Path(args.spec).stem, ok=False, error_kind=kind, message=message
-        )  # type: ignore[arg-type]
+        name = spec.name if spec else label
+        result = TrialResult(name=name, ok=False, error_kind=kind, message=message)  # type: ignore[arg-type]
         report(result, spec)
         return EXIT_USER_ERROR if kind == "user" else EXIT_INFRASTRUCTURE_ERROR
     report(result, spec)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,17 +34,21 @@ class TaskSpec(BaseModel):
     """How to evaluate one task; the manifest's objectives carry these fields."""
 
     model_config = ConfigDict(extra="forbid")
-    name: Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=40)]
-    data: str = Field(description="JSONL of samples: a path, file:// or s3:// URI")
+    name: Annotated[
+        str, Field(pattern=r"^[a-z0-9]([-a-z0-9_]*[a-z0-9])?$", max_length=40, description="the task's name in reports")
+    ]
+    data: str = Field(min_length=1, description="JSONL of samples: a path, file:// or s3:// URI")
     test_data: str | None = Field(default=None, description="held-out JSONL; when unset, a seeded share of `data`")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of `data` held out when no `test_data`")
-    kind: Literal["generate", "multiple_choice"] = "generate"
+    kind: Literal["generate", "multiple_choice"] = Field(
+        default="generate", description="generate: exact match of a completion; multiple_choice: log-likelihood"
+    )
     answer_pattern: str | None = Field(
         default=None, description="regex whose first group is the answer in a completion, e.g. 'The answer is: (.*)'"
     )
     few_shot: str = Field(default="", description="text put before every prompt (e.g. worked examples)")
     chat_template: bool = Field(default=False, description="wrap each prompt in the model's chat template")
-    max_new_tokens: int = Field(default=64, ge=1, le=8192)
+    max_new_tokens: int = Field(default=64, ge=1, le=8192, description="longest completion (generation tasks)")
     stop: list[str] = Field(default_factory=list, description="strings that end a completion")
     seed: int = Field(default=0, description="seeds the search split's order and the test share")
 
@@ -88,14 +93,14 @@ def parse_samples(text: str, *, kind: str, source: str) -> list[Sample]:
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise TaskDataError(f'{where}: each line must be an object with a string "prompt"')
         if kind == "generate":
-            if not isinstance(row.get("answer"), str | int | float):
+            if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), str | int | float):
                 raise TaskDataError(f'{where}: a generation sample needs an "answer" (string or number)')
             samples.append(Sample(prompt=row["prompt"], answer=str(row["answer"])))
         else:
             choices, gold = row.get("choices"), row.get("gold")
             if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
                 raise TaskDataError(f'{where}: a multiple-choice sample needs "choices", a list of 2 or more strings')
-            if not isinstance(gold, int) or not 0 <= gold < len(choices):
+            if isinstance(gold, bool) or not isinstance(gold, int) or not 0 <= gold < len(choices):
                 raise TaskDataError(f'{where}: "gold" must be the index of the right choice (0..{len(choices) - 1})')
             samples.append(Sample(prompt=row["prompt"], choices=tuple(choices), gold=gold))
     if not samples:
@@ -117,13 +122,34 @@ def split_samples(spec: TaskSpec, data: list[Sample], test_data: list[Sample] | 
     return {"search": search, "test": test_data}
 
 
+def read_local_text(uri: str) -> str:
+    """The text of a task file given as a local path or a file:// URI (remote URIs are the store's job)."""
+    if "://" in uri and not uri.startswith("file://"):
+        raise TaskDataError(f"{uri}: not a local file; fetch it first (only paths and file:// URIs are read here)")
+    path = Path(uri.removeprefix("file://"))
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskDataError(f"{uri}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise TaskDataError(f"{uri}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def load_splits(spec: TaskSpec, *, read: Callable[[str], str] = read_local_text) -> dict[Split, list[Sample]]:
+    """Read and parse the task's files with `read` (URI -> text) and split them (see `split_samples`)."""
+    data = parse_samples(read(spec.data), kind=spec.kind, source=spec.data)
+    test = parse_samples(read(spec.test_data), kind=spec.kind, source=spec.test_data) if spec.test_data else None
+    return split_samples(spec, data, test)
+
+
 def sample_range(samples: Sequence[Sample], start: int, end: int, *, task: str) -> list[Sample]:
     if not 0 <= start <= end <= len(samples):
         raise TaskDataError(f"task {task}: range [{start}, {end}) is outside its {len(samples)} search samples")
     return list(samples[start:end])
 
 
-_NUMBER = re.compile(r"^[-+]?(\d[\d,]*)?(\.\d+)?$")
+# Digits, or digits grouped by thousands ("1,000"; "1,2,3" is a list, not 123), then an optional fraction.
+_NUMBER = re.compile(r"^[-+]?(\d+|\d{1,3}(,\d{3})+)?(\.\d+)?$")
 
 
 def _as_number(text: str) -> float | None:
@@ -146,7 +172,7 @@ def extract_answer(completion: str, spec: TaskSpec) -> str:
     if spec.answer_pattern is None:
         return completion.strip()
     match = re.search(spec.answer_pattern, completion)
-    return match.group(1).strip() if match else ""
+    return (match.group(1) or "").strip() if match else ""  # an optional group may match nothing
 
 
 def answers_match(predicted: str, reference: str) -> bool:

@@ -19,6 +19,9 @@ from enum import StrEnum
 
 from mergesearch_trial_runner.spec import ErrorKind, TrialResult, TrialSpec
 
+# Why runs fail, as counted in metrics and status; the executor picks one for every failure.
+CAUSES = ("OOMKilled", "DeadlineExceeded", "ImagePull", "Unschedulable", "UserError", "Lost", "Error")
+
 
 class RunPhase(StrEnum):
     MISSING = "Missing"
@@ -32,7 +35,8 @@ class RunStatus:
     phase: RunPhase
     result: TrialResult | None = None  # what the runner reported (SUCCEEDED, or FAILED when it could report)
     failure: ErrorKind | None = None  # FAILED: retry (infrastructure) or record (user)
-    reason: str = ""  # FAILED: e.g. OOMKilled, DeadlineExceeded, Unschedulable, the runner's message
+    cause: str = ""  # FAILED: one of CAUSES
+    reason: str = ""  # FAILED: what happened, for people (the runner's message, the pod's state)
     seconds: float = 0.0  # how long the run held its device(s)
 
 

@@ -129,25 +129,35 @@ class LocalExecutor(Executor):
             )
         failure = _read(run_dir / "failure.json")
         if failure is not None:
-            return RunStatus(RunPhase.FAILED, failure=failure["kind"], reason=failure["reason"], seconds=seconds)
+            return RunStatus(
+                RunPhase.FAILED,
+                failure=failure["kind"],
+                cause=failure["cause"],
+                reason=failure["reason"],
+                seconds=seconds,
+            )
         if record is not None:
             if _alive(record):
                 if seconds > self.timeout_seconds:
                     self._kill(record)
-                    return self._fail(name, "infrastructure", f"DeadlineExceeded: ran over {self.timeout_seconds:.0f}s")
+                    return self._fail(
+                        name, "infrastructure", "DeadlineExceeded", f"ran over {self.timeout_seconds:.0f}s"
+                    )
                 return RunStatus(RunPhase.RUNNING, seconds=seconds)
             exit_code = _read(run_dir / "exit_code")
             code = None if exit_code is None else exit_code["code"]
             if code == EXIT_USER_ERROR:
-                return self._fail(name, "user", f"exited with code {code} without a result; see {run_dir / 'log'}")
+                return self._fail(
+                    name, "user", "UserError", f"exited with code {code} without a result; see {run_dir / 'log'}"
+                )
             detail = "the process is gone" if code is None else f"exit code {code}"
-            return self._fail(name, "infrastructure", f"Lost: {detail}, no result; see {run_dir / 'log'}")
+            return self._fail(name, "infrastructure", "Lost", f"{detail}, no result; see {run_dir / 'log'}")
         if _alive(_read(run_dir / "queued")):
             return RunStatus(RunPhase.RUNNING)  # handed to the fork server, not forked yet
         return RunStatus(RunPhase.MISSING)
 
-    def _fail(self, name: str, kind: str, reason: str) -> RunStatus:
-        write_json(self._dir(name) / "failure.json", {"kind": kind, "reason": reason})
+    def _fail(self, name: str, kind: str, cause: str, reason: str) -> RunStatus:
+        write_json(self._dir(name) / "failure.json", {"kind": kind, "cause": cause, "reason": reason})
         return self.poll(name)
 
     @staticmethod

@@ -158,6 +158,16 @@ def accuracies(counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
     return {task: (c / e if e else 0.0) for task, (c, e) in counts.items()}
 
 
+class SearchObserver:
+    """Told of events as they happen (metrics count them); every method does nothing by default."""
+
+    def run_finished(self, *, rung: int | None, seconds: float) -> None:
+        """A run's result was recorded (`rung` None: a final-stage run)."""
+
+    def run_failed(self, *, cause: str) -> None:
+        """A run failed; `cause` is one of `executors.base.CAUSES`."""
+
+
 class SearchController:
     def __init__(
         self,
@@ -169,8 +179,10 @@ class SearchController:
         facts: ModelFacts,
         executor: Executor,
         storage: optuna.storages.BaseStorage,
+        observer: SearchObserver | None = None,
     ):
         self.name = name
+        self.observer = observer or SearchObserver()
         self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self._trial_ids: dict[int, int] = {}
@@ -370,12 +382,20 @@ class SearchController:
             "at": time.time(),
         }
         self._store(view, result_key(rung), record)
+        self.observer.run_finished(rung=rung, seconds=status.seconds)
         if not self.pareto:  # a learning curve for the dashboard, and what TPE ranks pruned trials by
             score = self._score(view, rung, None)
             self.storage.set_trial_intermediate_value(self._trial_id(view.number), self.schedule.budgets[rung], score)
 
     def _record_failure(self, view: _TrialView, rung: int, name: str, status: RunStatus, *, launching: bool) -> int:
-        failure = {"run": name, "kind": status.failure, "reason": status.reason[:500], "seconds": status.seconds}
+        failure = {
+            "run": name,
+            "kind": status.failure,
+            "cause": status.cause,
+            "reason": status.reason[:500],
+            "seconds": status.seconds,
+        }
+        self.observer.run_failed(cause=status.cause or "Error")
         failures = [*view.failures(rung), failure]
         self._store(view, failures_key(rung), failures)
         self.executor.release(name)
@@ -472,6 +492,7 @@ class SearchController:
                 pending += 1
             elif status.phase is RunPhase.SUCCEEDED:
                 assert status.result is not None
+                self.observer.run_finished(rung=None, seconds=status.seconds)
                 final[label] = {
                     "run": name,
                     "trial": trial,
@@ -480,6 +501,7 @@ class SearchController:
                 self.study.set_user_attr("final", final)
                 self.executor.release(name)
             else:
+                self.observer.run_failed(cause=status.cause or "Error")
                 final[label] = {"run": name, "trial": trial, "error": status.reason[:300]}
                 self.study.set_user_attr("final", final)
                 self.executor.release(name)

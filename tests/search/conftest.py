@@ -86,12 +86,3 @@ def executor() -> SyntheticExecutor:
 
 
 __all__ = ["FACTS", "make_controller", "manifest", "optuna", "run_to_end"]
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    from support.postgres import PostgresServer
-
-    server = PostgresServer().start()
-    yield server
-    server.stop()

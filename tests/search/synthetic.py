@@ -60,15 +60,17 @@ class SyntheticExecutor(Executor):
         if run is None:
             return RunStatus(RunPhase.MISSING)
         if run["cancelled"]:
-            return RunStatus(RunPhase.FAILED, failure="infrastructure", reason="cancelled")
+            return RunStatus(RunPhase.FAILED, failure="infrastructure", cause="Lost", reason="cancelled")
         if run["polls_left"] > 0:
             run["polls_left"] -= 1
             return RunStatus(RunPhase.RUNNING)
         spec: TrialSpec = run["spec"]
         if name in self.fail:
-            return RunStatus(RunPhase.FAILED, failure="infrastructure", reason="OOMKilled", seconds=1.0)
+            return RunStatus(
+                RunPhase.FAILED, failure="infrastructure", cause="OOMKilled", reason="OOMKilled", seconds=1.0
+            )
         if name in self.fail_user:
-            return RunStatus(RunPhase.FAILED, failure="user", reason="bad task file", seconds=1.0)
+            return RunStatus(RunPhase.FAILED, failure="user", cause="UserError", reason="bad task file", seconds=1.0)
         if "result" not in run:
             plan_key = hashlib.blake2b(
                 json.dumps(spec.plan.model_dump(mode="json"), sort_keys=True).encode()

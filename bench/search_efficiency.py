@@ -1,0 +1,220 @@
+"""How many evaluated samples a search needs: multi-fidelity against full fidelity and random search.
+
+On the tiny-model world (base, three experts, three tasks), for several seeds, three searches run with
+the same budget of evaluated samples (budget.maxSamples): the LFS search with Hyperband (min -> max
+samples, eta 3), the same search with every trial at max samples, and random search at max samples.
+Each search is a real `mergesearch run` (local executor, real merges, real evaluations). Afterwards
+every plan that was ever the incumbent (best at the top rung so far) is evaluated on the held-out test
+split, giving "best held-out score versus samples used" per search, and the samples each search needed
+to first reach the full-fidelity search's final held-out best. Also reported: the final best of each
+search against each expert alone, uniform task arithmetic and TIES on the held-out split.
+
+    python bench/search_efficiency.py [--seeds 0 1 2] [--full-trials 24]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from mergesearch_operator.local import LocalSearch
+from mergesearch_operator.search.controller import result_key
+from mergesearch_operator.spec import parse_manifest
+from mergesearch_trial_runner.cli import run_trial
+from mergesearch_trial_runner.spec import TrialSpec
+from mergesearch_trial_runner.testbed.models import build_world
+
+TASKS = ("reverse", "sort", "shift")
+MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 180, 3
+BASELINE_LABELS = [f"expert:{t}" for t in TASKS] + ["task_arithmetic", "ties"]
+STRATEGIES = {
+    "multi-fidelity": {"sampler": "tpe", "multiFidelity": True},
+    "full-fidelity": {"sampler": "tpe", "multiFidelity": False},
+    "random": {"sampler": "random", "multiFidelity": False},
+}
+
+
+def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budget: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "mergesearch.io/v1alpha1",
+        "kind": "MergeSearch",
+        "metadata": {"name": name},
+        "spec": {
+            "models": {
+                "base": str(world.model("base")),
+                "experts": [{"name": e, "uri": str(world.model(e))} for e in TASKS],
+            },
+            "searchSpace": {
+                "type": "LFS",
+                "layerGroups": 2,
+                "methods": ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"],
+            },
+            "objectives": [
+                {
+                    "name": t,
+                    "data": str(world.split(t, "search")),
+                    "testData": str(world.split(t, "test")),
+                    "maxNewTokens": 8,
+                }
+                for t in TASKS
+            ],
+            "fidelity": {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA},
+            "budget": {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget},
+            "search": {"seed": seed, **strategy},
+            "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 900},
+        },
+    }
+
+
+def incumbents(study: optuna.Study, top_rung: int) -> list[tuple[int, int, float]]:
+    """(samples used when it became the incumbent, trial number, search score) in time order."""
+    events = []  # (time, samples of this result, trial, score or None)
+    for trial in study.trials:
+        for rung in range(3):
+            result = trial.user_attrs.get(result_key(rung))
+            if result is None:
+                continue
+            evaluated = sum(e for _, e in result["tasks"].values())
+            at_top = rung == top_rung and trial.state == optuna.trial.TrialState.COMPLETE
+            events.append((result["at"], evaluated, trial.number, trial.value if at_top else None))
+    events.sort()
+    used, best, history = 0, float("-inf"), []
+    for _, evaluated, number, value in events:
+        used += evaluated
+        if value is not None and value > best:
+            best = value
+            history.append((used, number, value))
+    return history
+
+
+def held_out(plan, spec, name: str, cache: dict[str, float], work: Path) -> float:
+    key = plan.to_json()
+    if key not in cache:
+        trial = TrialSpec(
+            name=name,
+            plan=plan,
+            tasks=[o.task() for o in spec.objectives],
+            split="test",
+            backend="hf",
+            engine_args={"device": "cpu"},
+            cache_dir=str(work / "cache"),
+            scratch_dir=str(work / "scratch"),
+        )
+        result = run_trial(trial)
+        cache[key] = statistics.mean(c.correct / c.evaluated for c in result.tasks.values())
+    return cache[key]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--full-trials", type=int, default=24, help="the sample budget, in full-fidelity trials")
+    parser.add_argument("--work-dir", default=".cache/bench/search")
+    parser.add_argument("--results", default="bench/results/search_efficiency.json")
+    parser.add_argument("--plot", default="bench/results/search_efficiency.png")
+    args = parser.parse_args()
+
+    world = build_world(Path.home() / ".cache" / "mergesearch")
+    budget = args.full_trials * MAX_SAMPLES * len(TASKS)
+    work = Path(args.work_dir).absolute()
+    cache: dict[str, float] = {}
+    runs: dict[str, dict[int, Any]] = {s: {} for s in STRATEGIES}
+    for seed in args.seeds:
+        for strategy, settings in STRATEGIES.items():
+            name = f"{strategy}-{seed}"
+            resource = parse_manifest(manifest(world, name, seed, settings, budget))
+            search = LocalSearch.for_manifest(resource, work_dir=work / name)
+            started = time.monotonic()
+            status = search.run(lambda _status: None)
+            controller = search.controller(check=False)
+            study = controller.study
+            history = [
+                (
+                    used,
+                    number,
+                    value,
+                    held_out(
+                        controller.space.plan_of(study.trials[number].params),
+                        resource.spec,
+                        f"{name}-t{number}",
+                        cache,
+                        work,
+                    ),
+                )
+                for used, number, value in incumbents(study, controller.schedule.top_rung)
+            ]
+            runs[strategy][seed] = {
+                "seconds": round(time.monotonic() - started, 1),
+                "samples_used": status.samples_used,
+                "trials": status.trials,
+                "history": history,
+                "final_held_out": {label: statistics.mean(v.values()) for label, v in status.final.items()},
+            }
+            print(name, runs[strategy][seed]["seconds"], "s", history[-1] if history else None, flush=True)
+
+    def first_reaching(history, target):
+        return next((used for used, _, _, score in history if score >= target - 1e-9), None)
+
+    summary: dict[str, Any] = {"budget_samples": budget, "seeds": args.seeds, "per_seed": {}}
+    ratios = {s: [] for s in STRATEGIES}
+    for seed in args.seeds:
+        full = runs["full-fidelity"][seed]["history"]
+        target = max(score for *_, score in full)
+        full_needed = first_reaching(full, target)
+        row = {"target_held_out": target}
+        for strategy in STRATEGIES:
+            needed = first_reaching(runs[strategy][seed]["history"], target)
+            row[strategy] = {
+                "samples_to_target": needed,
+                "final_best_held_out": max((score for *_, score in runs[strategy][seed]["history"]), default=None),
+            }
+            if needed is not None:
+                ratios[strategy].append(needed / full_needed)
+        summary["per_seed"][seed] = row
+    summary["mean_ratio_of_samples_to_reach_full_fidelity_best"] = {
+        s: (statistics.mean(r) if len(r) == len(args.seeds) else None) for s, r in ratios.items()
+    }
+    fixed = runs["full-fidelity"][args.seeds[0]]["final_held_out"]  # the same plans in every run
+    summary["held_out_comparison"] = {
+        **{
+            s: statistics.mean(max(score for *_, score in runs[s][seed]["history"]) for seed in args.seeds)
+            for s in STRATEGIES
+        },
+        **{label: value for label, value in fixed.items() if label in BASELINE_LABELS},
+    }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
+    plot(runs, args.seeds, budget, Path(args.plot))
+    print(json.dumps(summary, indent=2))
+
+
+def plot(runs, seeds, budget, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 4), sharey=True)
+    for axis, seed in zip(axes if len(seeds) > 1 else [axes], seeds, strict=True):
+        for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:gray"), strict=True):
+            history = runs[strategy][seed]["history"]
+            xs = [used for used, *_ in history] + [budget]
+            ys = [score for *_, score in history] + ([history[-1][3]] if history else [])
+            axis.step(xs, ys, where="post", label=strategy, color=color)
+        axis.set_title(f"seed {seed}")
+        axis.set_xlabel("samples evaluated")
+    (axes[0] if len(seeds) > 1 else axes).set_ylabel("held-out accuracy of the incumbent")
+    (axes[0] if len(seeds) > 1 else axes).legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The Kubernetes edge: the CRD, trial pods, the executor that runs them, and the kopf handlers."""

@@ -1,0 +1,62 @@
+"""The one module that calls the Kubernetes API directly (kopf's own watching and patching aside).
+
+A thin layer over the official client: create and delete pods, read a Secret. It turns HTTP failures
+into the few outcomes callers act on (already exists, gone, permanent), and is safe to call from kopf's
+handler threads (the client's ApiClient is thread-safe for independent requests).
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+
+class KubernetesApiError(RuntimeError):
+    def __init__(self, message: str, *, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def load_configuration() -> None:
+    """In a pod: the service account; elsewhere: the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+
+
+class KubernetesApi:
+    def __init__(self, client: kubernetes.client.ApiClient | None = None):
+        self._core = kubernetes.client.CoreV1Api(client)
+
+    def create_pod(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a pod; False when a pod of that name exists already (the call is idempotent)."""
+        try:
+            self._core.create_namespaced_pod(namespace, body)
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise KubernetesApiError(
+                f"creating pod {body['metadata']['name']}: {exc.reason}", status=exc.status
+            ) from None
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod, now (grace period 0: a trial has nothing to flush); a missing pod is fine."""
+        try:
+            self._core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise KubernetesApiError(f"deleting pod {name}: {exc.reason}", status=exc.status) from None
+
+    def read_secret(self, namespace: str, name: str) -> dict[str, str]:
+        try:
+            secret = self._core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise KubernetesApiError(f"Secret {namespace}/{name} does not exist", status=404) from None
+            raise KubernetesApiError(f"reading Secret {namespace}/{name}: {exc.reason}", status=exc.status) from None
+        return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}

@@ -1,0 +1,212 @@
+"""Trial runs as pods: the executor the operator gives the search controller.
+
+It never lists pods: kopf watches them and keeps an index (`handlers.trial_pods`), which the executor
+reads, so polling costs no API request; a run costs one create and one delete. A pod created but not
+yet seen by the watch counts as running, so a run is never created twice by one operator, and a second
+create after a restart is answered 409 and ignored.
+
+Pod states become run outcomes:
+- Succeeded: the termination message holds the runner's result.
+- Failed: OOMKilled, DeadlineExceeded (activeDeadlineSeconds) and crashes are infrastructure failures
+  (retried); exit code 65 is the runner's verdict that the request itself is wrong (recorded).
+- Pending: an image that cannot be pulled for `image_pull_seconds` is a user error (the spec names it);
+  a pod unschedulable for `unschedulable_seconds` is an infrastructure failure (deleted and retried).
+- Gone, or deleted before it finished: infrastructure (Lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from mergesearch_trial_runner.spec import EXIT_USER_ERROR, TrialResult, TrialSpec
+
+from ..executors.base import Executor, RunPhase, RunStatus
+from ..spec import Trial
+from .api import KubernetesApi
+from .pods import trial_pod
+from .settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+RUN_NAME = re.compile(r"-t(?P<trial>\d+)-r(?P<rung>\d+)(?:-a\d+)?$")
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+CREATE_GRACE_SECONDS = 120.0  # how long a created pod may stay unseen by the watch before it counts as lost
+
+
+def _timestamp(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the executor needs of a trial pod, as the watch last saw it."""
+
+    name: str
+    phase: str
+    created: float | None
+    reason: str = ""  # status.reason, e.g. DeadlineExceeded
+    message: str = ""  # the termination message
+    exit_code: int | None = None
+    terminated_reason: str = ""  # e.g. OOMKilled, Error, Completed
+    waiting_reason: str = ""  # e.g. ImagePullBackOff
+    unschedulable: bool = False
+    deleting: bool = False
+    started: float | None = None
+    finished: float | None = None
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> PodView:
+        metadata, status = body.get("metadata", {}), body.get("status") or {}
+        container = next(iter(status.get("containerStatuses") or []), {})
+        state = container.get("state") or {}
+        terminated, waiting = state.get("terminated") or {}, state.get("waiting") or {}
+        unschedulable = any(
+            c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable"
+            for c in status.get("conditions") or []
+        )
+        return cls(
+            name=metadata["name"],
+            phase=status.get("phase", "Pending"),
+            created=_timestamp(metadata.get("creationTimestamp")),
+            reason=status.get("reason", ""),
+            message=terminated.get("message", ""),
+            exit_code=terminated.get("exitCode"),
+            terminated_reason=terminated.get("reason", ""),
+            waiting_reason=waiting.get("reason", ""),
+            unschedulable=unschedulable,
+            deleting=bool(metadata.get("deletionTimestamp")),
+            started=_timestamp(terminated.get("startedAt")),
+            finished=_timestamp(terminated.get("finishedAt")),
+        )
+
+
+def _result(message: str) -> TrialResult | None:
+    """The runner's result: the last JSON line of the termination message (logs may precede it)."""
+    for line in reversed(message.strip().splitlines()):
+        try:
+            return TrialResult.model_validate_json(line)
+        except (ValidationError, ValueError):
+            continue
+    return None
+
+
+def gpus(trial: Trial) -> float:
+    limits = trial.resources.get("limits", {})
+    return float(limits.get("nvidia.com/gpu", 0) or 0)
+
+
+class KubernetesExecutor(Executor):
+    def __init__(
+        self,
+        *,
+        api: KubernetesApi,
+        search: str,
+        namespace: str,
+        owner_uid: str,
+        trial: Trial,
+        s3_secret: str,
+        settings: OperatorSettings,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.api, self.search, self.namespace, self.owner_uid = api, search, namespace, owner_uid
+        self.trial, self.s3_secret, self.settings, self.clock = trial, s3_secret, settings, clock
+        self.accelerators_per_run = gpus(trial)
+        self.pods: dict[str, PodView] = {}
+        self._created: dict[str, float] = {}  # created by this operator, maybe not yet seen by the watch
+
+    def observe(self, pods: Mapping[str, PodView]) -> None:
+        """Take the watch's current view of this search's pods."""
+        self.pods = dict(pods)
+        for name in list(self._created):
+            if name in self.pods:
+                del self._created[name]
+
+    def start(self, spec: TrialSpec) -> None:
+        if spec.name in self.pods or spec.name in self._created:
+            return
+        match = RUN_NAME.search(spec.name)
+        body = trial_pod(
+            spec=spec,
+            search=self.search,
+            namespace=self.namespace,
+            owner_uid=self.owner_uid,
+            trial=self.trial,
+            s3_secret=self.s3_secret,
+            settings=self.settings,
+            trial_number=int(match["trial"]) if match else None,
+            rung=int(match["rung"]) if match else None,
+        )
+        self.api.create_pod(self.namespace, body)
+        self._created[spec.name] = self.clock()
+
+    def poll(self, name: str) -> RunStatus:
+        pod = self.pods.get(name)
+        if pod is None:
+            created = self._created.get(name)
+            if created is None:
+                return RunStatus(RunPhase.MISSING)
+            if self.clock() - created < CREATE_GRACE_SECONDS:
+                return RunStatus(RunPhase.RUNNING)
+            return self._failed("infrastructure", "Lost", "the pod was created but never appeared")
+        seconds = (pod.finished - pod.started) if pod.finished and pod.started else 0.0
+        if pod.phase == "Succeeded":
+            result = _result(pod.message)
+            if result is not None and result.ok:
+                return RunStatus(RunPhase.SUCCEEDED, result=result, seconds=seconds)
+            return self._failed("infrastructure", "Lost", "the pod succeeded without a result", seconds)
+        if pod.phase == "Failed":
+            return self._classify_failed(pod, seconds)
+        age = self.clock() - (pod.created or self.clock())
+        if pod.deleting:
+            return self._failed("infrastructure", "Lost", "the pod was deleted before it finished", seconds)
+        if pod.phase == "Pending":
+            if pod.waiting_reason in IMAGE_PULL_REASONS and age > self.settings.image_pull_seconds:
+                return self._failed("user", "ImagePull", f"cannot pull image {self.trial.image}: {pod.waiting_reason}")
+            if pod.unschedulable and age > self.settings.unschedulable_seconds:
+                self.api.delete_pod(self.namespace, name)
+                return self._failed("infrastructure", "Unschedulable", f"no node could take the pod in {age:.0f}s")
+        return RunStatus(RunPhase.RUNNING, seconds=seconds)
+
+    def _classify_failed(self, pod: PodView, seconds: float) -> RunStatus:
+        result = _result(pod.message)
+        if pod.reason == "DeadlineExceeded":
+            return self._failed(
+                "infrastructure", "DeadlineExceeded", f"ran over {self.trial.timeout_seconds}s", seconds
+            )
+        if pod.terminated_reason == "OOMKilled":
+            return self._failed("infrastructure", "OOMKilled", "the trial ran out of memory", seconds)
+        if pod.exit_code == EXIT_USER_ERROR or (result is not None and result.error_kind == "user"):
+            message = result.message if result is not None else pod.message[-500:]
+            return RunStatus(
+                RunPhase.FAILED, result=result, failure="user", cause="UserError", reason=message, seconds=seconds
+            )
+        message = result.message if result is not None else pod.message[-500:]
+        return self._failed("infrastructure", "Error", f"exit code {pod.exit_code}: {message}", seconds)
+
+    @staticmethod
+    def _failed(kind: str, cause: str, reason: str, seconds: float = 0.0) -> RunStatus:
+        return RunStatus(RunPhase.FAILED, failure=kind, cause=cause, reason=reason, seconds=seconds)  # type: ignore[arg-type]
+
+    def cancel(self, name: str) -> None:
+        self.api.delete_pod(self.namespace, name)
+
+    def release(self, name: str) -> None:
+        """Delete a finished run's pod; failed pods stay, the newest `keep_failed_pods` of them."""
+        pod = self.pods.get(name)
+        if pod is None or pod.phase != "Failed":
+            self.api.delete_pod(self.namespace, name)
+            return
+        failed = sorted((p for p in self.pods.values() if p.phase == "Failed"), key=lambda p: p.created or 0.0)
+        keep = self.settings.keep_failed_pods
+        for old in failed[: max(0, len(failed) - keep)]:
+            self.api.delete_pod(self.namespace, old.name)
+            self.pods.pop(old.name, None)

@@ -1,0 +1,147 @@
+"""One search's live parts on a cluster: its study, space, executor, controller and metrics.
+
+Built from the resource the first time the operator sees it (or after a restart), kept in memory while
+the resource exists; everything it needs to continue is in the study (PostgreSQL) and in the pods.
+The fields that define a search - models, search space, objectives, fidelity, objective mode - are
+fixed when its study is created: a later edit of them is refused (the search goes on with the accepted
+ones and a condition says so), while budgets, `suspend`, trial settings and the output may change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+
+from mergesearch_trial_runner.store import ModelStore
+
+from ..metrics import SearchMetrics
+from ..preflight import preflight
+from ..search.controller import SearchController
+from ..search.study import make_storage, open_study
+from ..spaces import ModelFacts, build_space
+from ..spec import MergeSearchSpec, parse_manifest
+from .api import KubernetesApi, KubernetesApiError
+from .executor import KubernetesExecutor
+from .settings import OperatorSettings
+
+IMMUTABLE = ("models", "search_space", "objectives", "fidelity", "storage")
+IMMUTABLE_SEARCH = ("objective_mode", "multi_fidelity")
+ACCEPTED_ATTR = "accepted_spec"
+FACTS_ATTR = "facts"
+
+
+def parse_spec(name: str, namespace: str, spec: dict[str, Any]) -> MergeSearchSpec:
+    document = {
+        "apiVersion": "mergesearch.io/v1alpha1",
+        "kind": "MergeSearch",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+    return parse_manifest(document).spec
+
+
+def _defining(spec: MergeSearchSpec) -> dict[str, Any]:
+    """The part of a spec that cannot change once its study exists."""
+    data = spec.model_dump(mode="json", include=set(IMMUTABLE))
+    data["search"] = spec.search.model_dump(mode="json", include=set(IMMUTABLE_SEARCH))
+    return data
+
+
+def effective_spec(spec: MergeSearchSpec, accepted: dict[str, Any]) -> tuple[MergeSearchSpec, list[str]]:
+    """The spec to run: the accepted defining fields, the rest as given; and which fields were refused."""
+    current = _defining(spec)
+    changed = sorted(key for key in accepted if current.get(key) != accepted[key])
+    if not changed:
+        return spec, []
+    merged = spec.model_dump(mode="json", by_alias=False)
+    for key in IMMUTABLE:
+        merged[key] = accepted[key]
+    merged["search"] = {**merged["search"], **accepted["search"]}
+    return MergeSearchSpec.model_validate(merged), changed
+
+
+def s3_client(api: KubernetesApi, namespace: str, secret: str) -> Any:
+    """A boto3 client with the credentials of the search's S3 Secret (the operator's own preflight reads)."""
+    values = api.read_secret(namespace, secret)
+    return boto3.client(
+        "s3",
+        aws_access_key_id=values.get("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=values.get("AWS_SECRET_ACCESS_KEY"),
+        endpoint_url=values.get("AWS_ENDPOINT_URL") or None,
+        region_name=values.get("AWS_REGION") or None,
+    )
+
+
+@dataclass
+class SearchRuntime:
+    name: str
+    namespace: str
+    controller: SearchController
+    executor: KubernetesExecutor
+    metrics: SearchMetrics
+    refused: list[str] = field(default_factory=list)  # defining fields whose edit was refused
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        namespace: str,
+        uid: str,
+        spec: MergeSearchSpec,
+        api: KubernetesApi,
+        settings: OperatorSettings,
+    ) -> SearchRuntime:
+        """Open (or create) the study and check the models and tasks; raises ManifestError for the user's
+        mistakes and KubernetesApiError/StoreError for what may come right later."""
+        database_secret = spec.storage.database_secret_ref.name if spec.storage.database_secret_ref else None
+        s3_secret = spec.storage.s3_secret_ref.name if spec.storage.s3_secret_ref else settings.s3_secret
+        secret = database_secret or settings.database_secret
+        url = api.read_secret(namespace, secret).get("url")
+        if not url:
+            raise KubernetesApiError(f"Secret {namespace}/{secret} has no key `url` (the study's SQLAlchemy URL)")
+        storage = make_storage(url)
+        study = open_study(f"{namespace}.{name}", spec, storage)
+        accepted = study.user_attrs.get(ACCEPTED_ATTR)
+        if accepted is None:
+            accepted = _defining(spec)
+            study.set_user_attr(ACCEPTED_ATTR, accepted)
+        spec, refused = effective_spec(spec, accepted)
+        stored = study.user_attrs.get(FACTS_ATTR)
+        if stored is None:
+            store = ModelStore(client=s3_client(api, namespace, s3_secret))
+            facts = preflight(spec, store)
+            study.set_user_attr(FACTS_ATTR, json.loads(json.dumps(facts.__dict__, default=list)))
+        else:
+            facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
+        executor = KubernetesExecutor(
+            api=api,
+            search=name,
+            namespace=namespace,
+            owner_uid=uid,
+            trial=spec.trial,
+            s3_secret=s3_secret,
+            settings=settings,
+        )
+        metrics = SearchMetrics(namespace, name)
+        controller = SearchController(
+            name=name,
+            spec=spec,
+            study=study,
+            space=build_space(spec, facts),
+            facts=facts,
+            executor=executor,
+            storage=storage,
+            observer=metrics,
+        )
+        return cls(name, namespace, controller, executor, metrics, refused)
+
+    def update_spec(self, spec: MergeSearchSpec) -> None:
+        """Apply an edited spec: the changeable fields take effect; defining ones are refused."""
+        accepted = self.controller.study.user_attrs[ACCEPTED_ATTR]
+        spec, self.refused = effective_spec(spec, accepted)
+        self.controller.spec = spec
+        self.executor.trial = spec.trial

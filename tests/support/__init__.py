@@ -1,0 +1,1 @@
+"""Helpers that tests share: real servers started on loopback, and nothing faked."""

@@ -1,0 +1,151 @@
+"""The `hf` backend: transformers in this process, on CPU or GPU, from a directory or from memory.
+
+A merged model can be evaluated without touching disk: `InMemoryModel(*merge_to_state_dict(...))`
+goes through the same `from_pretrained` loading path (key renames, weight tying, dtype) as a model
+directory, so both give the same logits.
+
+Decoding is a plain greedy loop over the model's forward pass with a KV cache, not `generate()`:
+argmax of the raw logits, no logits processors, so a checkpoint's generation_config.json (sampling
+settings, repetition penalties) cannot change results, exactly as with the vLLM backend. Prompts are
+sorted by length and batched (`batch_size`), LEFT padded (position ids from the attention mask), so
+every row's next token sits in the last column; a batch ends when every row has ended. Scoring choices
+uses the same left padding and keeps only the logits of the last few positions, so the vocabulary-wide
+log-softmax is never materialised for the whole prompt.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+from .base import Evaluator, InMemoryModel, ModelSource
+from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
+from .settings import HFSettings, checkpoint_dtype
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model: ModelSource, settings: HFSettings) -> tuple[torch.nn.Module, Any, Path]:
+    """(model on its device in eval mode, tokenizer, directory of the tokenizer and generation config)."""
+    device = settings.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, InMemoryModel):
+        config_dict = dict(model.config)
+        config = CONFIG_MAPPING[config_dict["model_type"]].from_dict(config_dict)
+        tokenizer_dir = Path(model.tokenizer_dir)
+        state_dict: dict[str, torch.Tensor] | None = dict(model.state_dict)
+        path = None
+    else:
+        tokenizer_dir = path = Path(model)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        config_dict = json.loads((path / "config.json").read_text())
+        config = AutoConfig.from_pretrained(path)
+        state_dict = None
+    dtype_name = checkpoint_dtype(config_dict) if settings.dtype == "auto" else settings.dtype
+    if dtype_name not in _DTYPES:
+        raise ValueError(
+            f"the checkpoint's dtype {dtype_name!r} is not one of {sorted(_DTYPES)}; set the dtype setting"
+        )
+    dtype = _DTYPES[dtype_name]
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    loaded = model_class.from_pretrained(
+        path, config=config, state_dict=state_dict, dtype=dtype, attn_implementation=settings.attn_implementation
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return loaded.to(device).eval(), tokenizer, tokenizer_dir
+
+
+class HFEvaluator(Evaluator):
+    name = "hf"
+
+    def __init__(self, *, model: ModelSource, settings: HFSettings) -> None:
+        self.settings = settings
+        self.model, tokenizer, tokenizer_dir = load_model(model, settings)
+        self.device = next(self.model.parameters()).device
+        context_len = settings.max_model_len or int(self.model.config.max_position_embeddings)
+        super().__init__(prompts=PromptBuilder(tokenizer, context_len, stop_token_ids(tokenizer, tokenizer_dir)))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad or 0)  # any id: padded positions are masked out
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        """Request indices by length, longest first, in batches (similar lengths pad little)."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for start in range(0, len(order), self.settings.batch_size):
+            yield order[start : start + self.settings.batch_size]
+
+    def _left_padded(self, rows: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    @torch.inference_mode()
+    def _generate(self, requests: Sequence[GenerationRequest], *, stop: Sequence[str]) -> list[list[int]]:
+        outputs: list[list[int]] = [[] for _ in requests]
+        for batch in self._batches([len(r.prompt_ids) for r in requests]):
+            for index, tokens in zip(batch, self._generate_batch([requests[i] for i in batch], stop), strict=True):
+                outputs[index] = tokens
+        return outputs
+
+    def _generate_batch(self, requests: Sequence[GenerationRequest], stop: Sequence[str]) -> list[list[int]]:
+        ids, mask, positions = self._left_padded([r.prompt_ids for r in requests])
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, last = out.past_key_values, positions[:, -1:]
+        tokens: list[list[int]] = [[] for _ in requests]
+        active = [r.max_new_tokens > 0 for r in requests]
+        while True:
+            chosen = out.logits[:, -1].argmax(-1)
+            for i, token in enumerate(chosen.tolist()):
+                if active[i]:
+                    tokens[i].append(token)
+                    if len(tokens[i]) >= requests[i].max_new_tokens or self.prompts.finished(tokens[i], stop):
+                        active[i] = False
+            if not any(active):
+                return tokens
+            # Ended rows keep decoding (a fixed batch shape); their tokens are not recorded.
+            mask = torch.cat([mask, mask.new_ones((len(requests), 1))], dim=1)
+            last = last + 1
+            out = self.model(
+                input_ids=chosen[:, None],
+                attention_mask=mask,
+                position_ids=last,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = out.past_key_values
+
+    @torch.inference_mode()
+    def _loglikelihoods(self, requests: Sequence[ContinuationRequest]) -> list[float]:
+        scores = [0.0] * len(requests)
+        rows = [r.context_ids + r.continuation_ids for r in requests]
+        for batch in self._batches([len(r) for r in rows]):
+            ids, mask, positions = self._left_padded([rows[i] for i in batch])
+            tail = max(len(requests[i].continuation_ids) for i in batch)
+            # Logits at the last tail + 1 positions predict the last tail tokens (the final logit is unused).
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=tail + 1
+            ).logits[:, :-1]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            targets = ids[:, -tail:]
+            picked = logprobs.gather(-1, targets[..., None])[..., 0]  # (batch, tail)
+            for row, index in enumerate(batch):
+                n = len(requests[index].continuation_ids)
+                scores[index] = float(picked[row, tail - n :].sum())
+        return scores
+
+    def _release(self) -> None:
+        del self.model
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

