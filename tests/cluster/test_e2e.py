@@ -36,7 +36,9 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def manifest(name: str, *, max_trials: int, timeout: int = 300, parallel: int = 2) -> dict[str, Any]:
+def manifest(
+    name: str, *, max_trials: int, timeout: int = 300, parallel: int = 2, mode: str = "weighted"
+) -> dict[str, Any]:
     experts = ["reverse", "sort", "shift"]
     return {
         "apiVersion": "mergesearch.io/v1alpha1",
@@ -59,6 +61,7 @@ def manifest(name: str, *, max_trials: int, timeout: int = 300, parallel: int = 
             ],
             "fidelity": {"minSamples": 20, "maxSamples": 60, "reductionFactor": 3},
             "budget": {"maxTrials": max_trials, "parallelTrials": parallel, "maxFailedTrials": 10},
+            "search": {"objectiveMode": mode},
             "trial": {
                 "image": "example.org/mergesearch-trial:test",
                 "backend": "hf",
@@ -239,7 +242,7 @@ def fault_of(name: str) -> str | None:
 def test_faults_and_an_operator_restart_lose_nothing(cluster, prometheus):
     name = "faulty"
     cluster.fault = fault_of
-    cluster.apply(manifest(name, max_trials=8, timeout=60))
+    cluster.apply(manifest(name, max_trials=8, timeout=60, mode="pareto"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and len([p for p in cluster.kubelet.started if p.startswith(name)]) < 4:
         time.sleep(1)
@@ -249,6 +252,7 @@ def test_faults_and_an_operator_restart_lose_nothing(cluster, prometheus):
     status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=900)
     assert status["phase"] == "Succeeded", status
     assert sum(status["trials"].values()) == 8
+    assert status["front"] and status["hypervolume"] > 0 and any(k.startswith("front-") for k in status["heldOut"])
     pods = [p for p in cluster.pod_creations() if p.startswith(name)]
     assert len(pods) == len(set(pods)), "a pod was created twice"
     faulted = [p for p in pods if fault_of(p)]
@@ -277,6 +281,15 @@ def test_prometheus_scraped_every_metric(cluster, prometheus):
         result = prometheus.wait_for_series(metric, timeout=30)
         assert result, metric
     assert prometheus.query('mergesearch_trials{search="clean",state="completed"}')
+
+
+def test_every_dashboard_query_returns_data(cluster, prometheus):
+    from install.dashboard import dashboard_queries, variable_queries
+
+    queries = dashboard_queries(namespace=NAMESPACE, rate_interval="30m") + variable_queries(namespace=NAMESPACE)
+    assert len(queries) > 10
+    for query in queries:
+        assert prometheus.wait_for_series(query.expr, timeout=60), query
 
 
 def test_a_bad_resource_gets_a_condition_and_an_event_and_others_go_on(cluster):

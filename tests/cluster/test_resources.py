@@ -211,3 +211,11 @@ def test_status_is_small_whatever_the_number_of_trials():
     body = search_status(status, generation=3, conditions=[])
     assert len(json.dumps(body)) < 16 * 1024
     assert len(body["heldOut"]) <= 24 and body["observedGeneration"] == 3
+
+
+def test_the_readme_reference_is_generated_from_the_schema():
+    from mergesearch_operator.reference import END, START, reference_markdown
+
+    readme = (ROOT / "README.md").read_text()
+    current = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert current == reference_markdown(), "run: make docs"

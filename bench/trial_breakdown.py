@@ -1,0 +1,138 @@
+"""Where one trial's time goes at the smallest fidelity, on SmolLM2-135M: fetch, merge, load, evaluate.
+
+At low fidelity a trial's fixed cost (everything but evaluating samples) decides whether multi-fidelity
+saves anything. One trial = TIES of three experts onto SmolLM2-135M-Instruct (as bench/merge_vs_mergekit
+makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each executor runs it:
+
+- cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
+- warm: in a process that has imported everything, as the local fork server's children do;
+
+for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
+local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
+job is that a node downloads once). Reported: each phase's seconds and the fixed share of the trial.
+
+    python bench/trial_breakdown.py [--samples 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mergesearch_trial_runner.plan.ir import MergePlan
+from mergesearch_trial_runner.spec import TrialResult, TrialSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from merge_vs_mergekit import make_experts  # noqa: E402
+
+ENGINE = {"hf": {"device": "cpu", "batch_size": 64}, "vllm": {}}
+
+
+def arithmetic_task(path: Path, count: int) -> Path:
+    rng = random.Random(0)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(2, 60), rng.randint(2, 60)
+        rows.append({"prompt": f"What is {a} plus {b}? Reply with the number only.", "answer": str(a + b)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def ties_plan(root: Path) -> MergePlan:
+    return MergePlan.model_validate(
+        {
+            "models": {"base": str(root / "base"), **{f"e{i}": str(root / f"expert{i}") for i in (1, 2, 3)}},
+            "base_model": "base",
+            "slices": [
+                {
+                    "method": "ties",
+                    "base": {"model": "base", "layers": [0, 30]},
+                    "sources": [
+                        {"model": f"e{i}", "layers": [0, 30], "params": {"weight": 0.4, "density": 0.5}}
+                        for i in (1, 2, 3)
+                    ],
+                }
+            ],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--work-dir", default=".cache/bench/merge")
+    parser.add_argument("--results", default="bench/results/trial_breakdown.json")
+    parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
+    args = parser.parse_args()
+
+    root = Path(args.work_dir).absolute()
+    make_experts(root)
+    scratch = Path(tempfile.mkdtemp(prefix="ms-trial-"))
+    task = {
+        "name": "arith",
+        "data": str(arithmetic_task(scratch / "arith.jsonl", args.samples * 2)),
+        "test_fraction": 0.1,
+        "chat_template": True,
+        "max_new_tokens": 64,
+        "answer_pattern": r"(-?\d+)",
+    }
+    results = {}
+    for backend in args.backends:
+        spec = TrialSpec(
+            name=f"breakdown-{backend}",
+            plan=ties_plan(root),
+            tasks=[task],
+            ranges={"arith": (0, args.samples)},
+            backend=backend,
+            engine_args=ENGINE[backend],
+            device="cpu",
+            cache_dir=str(scratch / "cache"),
+            scratch_dir=str(scratch / backend),
+        )
+        spec_file = scratch / f"{backend}.json"
+        spec_file.write_text(spec.model_dump_json())
+        started = time.perf_counter()
+        cold = subprocess.run(
+            [sys.executable, "-m", "mergesearch_trial_runner.cli", "run", str(spec_file)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        cold_wall = time.perf_counter() - started
+        cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
+
+        from mergesearch_trial_runner.cli import run_trial  # warm: the imports are paid
+
+        warm_result = run_trial(spec)
+        rows = {}
+        for mode, result, wall in (("cold", cold_result, cold_wall), ("warm", warm_result, None)):
+            timings = dict(result.timings)
+            total = wall if wall is not None else timings["total"]
+            if wall is not None:
+                timings["imports_and_startup"] = round(wall - timings["total"], 3)
+            fixed = total - timings["evaluate"]
+            rows[mode] = {
+                **timings,
+                "wall": round(total, 3),
+                "fixed_share": round(fixed / total, 3),
+                "generated_tokens": result.generated_tokens,
+                "accuracy": result.tasks["arith"].correct / args.samples,
+            }
+        results[backend] = rows
+        print(backend, json.dumps(rows, indent=1), flush=True)
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(
+        json.dumps(
+            {"samples": args.samples, "plan": "TIES, 3 experts, SmolLM2-135M bf16", "backends": results}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

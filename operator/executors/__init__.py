@@ -1,0 +1,1 @@
+"""Where trial runs execute: the executor interface and the local executor."""
