@@ -29,7 +29,7 @@ from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_vs_mergekit import make_experts  # noqa: E402
+from merge_vs_mergekit import make_experts
 
 ENGINE = {"hf": {"device": "cpu", "batch_size": 64}, "vllm": {}}
 
