@@ -17,7 +17,7 @@ from mergesearch_trial_runner.store import ModelStore
 from .executors.local import LocalExecutor
 from .preflight import preflight
 from .search.controller import SearchController, SearchStatus
-from .search.study import make_storage, open_study
+from .search.study import controller_storage, open_study
 from .spaces import ModelFacts, build_space
 from .spec import MergeSearch
 
@@ -77,7 +77,7 @@ class LocalSearch:
             spec = spec.model_copy(
                 update={"output": spec.output.model_copy(update={"uri": str(self.work_dir / "best")})}
             )
-        storage = make_storage(self.storage_url)
+        storage = controller_storage(self.storage_url)
         study = open_study(self.name, spec, storage)
         stored = study.user_attrs.get(FACTS_ATTR)
         if check or stored is None:

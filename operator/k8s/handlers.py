@@ -36,6 +36,7 @@ from .settings import OperatorSettings
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 DELETE_STUDY_ANNOTATION = f"{API_GROUP}/delete-study"
 RETRY_SECONDS = 60.0  # after a failed set-up (a Secret or model not there yet), before trying again
+FULL_RECONCILE_SECONDS = 30.0  # a search whose pods have not changed is still reconciled this often
 SETTINGS = OperatorSettings()
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ def reconcile(
         return
     started = time.perf_counter()
     pods = {pod.name: pod for pod in trial_pods.get((runtime.namespace, runtime.name), [])}
+    # Nothing a reconcile acts on has changed (no pod moved, no spec edit): skip the study's reads, but
+    # not for long, since some rules are about time (unschedulable pods, deadlines).
+    fingerprint = (meta.get("generation"), frozenset(pods.values()))
+    if fingerprint == runtime.fingerprint and time.monotonic() - runtime.reconciled_at < FULL_RECONCILE_SECONDS:
+        return
     runtime.executor.observe(pods)
     try:
         current = runtime.controller.reconcile()
@@ -123,6 +129,7 @@ def reconcile(
         runtime.metrics.reconciled(time.perf_counter() - started, error=True)
         raise  # kopf logs it and the timer tries again at the next interval
     runtime.metrics.reconciled(time.perf_counter() - started, error=False)
+    runtime.fingerprint, runtime.reconciled_at = fingerprint, time.monotonic()
     runtime.metrics.update(current)
     conditions = list(status.get("conditions", []))
     if runtime.refused:

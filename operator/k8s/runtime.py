@@ -20,7 +20,7 @@ from mergesearch_trial_runner.store import ModelStore
 from ..metrics import SearchMetrics
 from ..preflight import preflight
 from ..search.controller import SearchController
-from ..search.study import make_storage, open_study
+from ..search.study import controller_storage, open_study
 from ..spaces import ModelFacts, build_space
 from ..spec import MergeSearchSpec, parse_manifest
 from .api import KubernetesApi, KubernetesApiError
@@ -83,6 +83,8 @@ class SearchRuntime:
     executor: KubernetesExecutor
     metrics: SearchMetrics
     refused: list[str] = field(default_factory=list)  # defining fields whose edit was refused
+    fingerprint: object = None  # what the last reconcile saw (handlers skip a reconcile that would see the same)
+    reconciled_at: float = 0.0
 
     @classmethod
     def build(
@@ -103,7 +105,7 @@ class SearchRuntime:
         url = api.read_secret(namespace, secret).get("url")
         if not url:
             raise KubernetesApiError(f"Secret {namespace}/{secret} has no key `url` (the study's SQLAlchemy URL)")
-        storage = make_storage(url)
+        storage = controller_storage(url)
         study = open_study(f"{namespace}.{name}", spec, storage)
         accepted = study.user_attrs.get(ACCEPTED_ATTR)
         if accepted is None:

@@ -92,16 +92,30 @@ class SearchStatus:
 
 
 @dataclass
+class _Asked:
+    """What this reconcile knows of a trial it has just asked for (instead of reading it back)."""
+
+    number: int
+    state: TrialState
+    user_attrs: dict[str, Any]
+
+
+@dataclass
 class _TrialView:
     """A trial's stored facts, read from its attributes (plus what this reconcile has stored since)."""
 
-    trial: FrozenTrial
+    trial: FrozenTrial | _Asked
     schedule: Schedule
     stored: dict[str, Any] = field(default_factory=dict)
+    told: TrialState | None = None  # what this reconcile told Optuna, not yet in `trial`
 
     @property
     def number(self) -> int:
         return self.trial.number
+
+    @property
+    def state(self) -> TrialState:
+        return self.told or self.trial.state
 
     @property
     def attrs(self) -> Mapping[str, Any]:
@@ -250,27 +264,27 @@ class SearchController:
         self._initialize()
         views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
         usage = self._usage(views)
-        failed = sum(1 for v in views if v.trial.state == TrialState.FAIL)
+        failed = sum(1 for v in views if v.state == TrialState.FAIL)
         if failed >= self.spec.budget.max_failed_trials:
             self._stop_running(views, reason=f"{failed} trials failed (budget.maxFailedTrials)")
-            return self._status(Phase.FAILED, f"stopped: {failed} trials failed, budget.maxFailedTrials reached")
+            return self._status(Phase.FAILED, f"stopped: {failed} trials failed, budget.maxFailedTrials reached", views)
 
         exhausted = self._exhausted(usage)
         launching = not self.spec.suspend
         in_flight = 0
         for view in views:
-            if view.trial.state == TrialState.RUNNING:
+            if view.state == TrialState.RUNNING:
                 in_flight += self._drive(view, views, launching=launching, exhausted=exhausted)
 
         started = sum(
             1
             for v in views
-            if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.trial.state != TrialState.WAITING
+            if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
         )
         more_trials = started < self.spec.budget.max_trials and not exhausted
         skips = 0
         while launching and more_trials and in_flight < self.spec.budget.parallel_trials:
-            if self._launch_new():
+            if self._launch_new(views):
                 started += 1
                 in_flight += 1
             else:
@@ -281,9 +295,10 @@ class SearchController:
 
         if in_flight:
             phase = Phase.RUNNING if launching else Phase.SUSPENDED
-            return self._status(phase, self._progress_message(exhausted))
+            return self._status(phase, self._progress_message(exhausted), views)
         if more_trials:
-            return self._status(Phase.SUSPENDED if not launching else Phase.RUNNING, self._progress_message(exhausted))
+            phase = Phase.SUSPENDED if not launching else Phase.RUNNING
+            return self._status(phase, self._progress_message(exhausted), views)
         return self._finalize(launching)
 
     def _initialize(self) -> None:
@@ -308,22 +323,30 @@ class SearchController:
             or (budget.max_gpu_seconds is not None and device_seconds >= budget.max_gpu_seconds)
         )
 
-    def _launch_new(self) -> bool:
+    def _launch_new(self, views: list[_TrialView]) -> bool:
         """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
         trial = self.study.ask()
         bracket = self.schedule.bracket_of(trial.number, salt=self.name)
-        trial.set_user_attr(BRACKET, bracket)
+        attrs: dict[str, Any] = {BRACKET: bracket}
         if self.pareto:
-            trial.set_user_attr(WEIGHTS, parego_weights(trial.number, len(self.tasks), self.spec.search.seed))
+            attrs[WEIGHTS] = parego_weights(trial.number, len(self.tasks), self.spec.search.seed)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
         plan = self.space.suggest(trial)
         if isinstance(plan, Skip):
             trial.set_user_attr(SKIPPED, plan.reason)
             self.study.tell(trial, state=TrialState.PRUNED)
+            views.append(_TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule))
             return False
         trial.set_user_attr(READY, True)
         name = self.run_name(trial.number, bracket, 0)
         self.executor.start(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
+        views.append(_TrialView(_Asked(trial.number, TrialState.RUNNING, {**attrs, READY: True}), self.schedule))
         return True
+
+    def _tell(self, view: _TrialView, state: TrialState, values: float | list[float] | None = None) -> None:
+        self.study.tell(view.number, values, state=state, skip_if_finished=True)
+        view.told = state
 
     def _trial_id(self, number: int) -> int:
         if number not in self._trial_ids:
@@ -339,7 +362,7 @@ class SearchController:
         if not view.attrs.get(READY):
             # The controller stopped between asking and launching: the parameters may be incomplete.
             self._store(view, INTERRUPTED, "the controller stopped before this trial was launched")
-            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+            self._tell(view, TrialState.PRUNED)
             return 0
         rung = view.rung
         decision = view.decision(rung)
@@ -401,7 +424,7 @@ class SearchController:
         self.executor.release(name)
         if status.failure == "user" or len(failures) > self.spec.budget.max_retries:
             log.warning("trial %d failed at rung %d: %s", view.number, rung, status.reason)
-            self.study.tell(view.number, state=TrialState.FAIL, skip_if_finished=True)
+            self._tell(view, TrialState.FAIL)
             return 0
         if not launching:
             return 0
@@ -426,24 +449,21 @@ class SearchController:
     def _act(self, view: _TrialView, rung: int, decision: str) -> None:
         if decision == "complete":
             values = self._objective_values(view.counts(rung))
-            if self.pareto:
-                self.study.tell(view.number, values, skip_if_finished=True)
-            else:
-                self.study.tell(view.number, self._score(view, rung, None), skip_if_finished=True)
+            self._tell(view, TrialState.COMPLETE, values if self.pareto else self._score(view, rung, None))
         else:  # prune, stop, or a promotion past the top (cannot happen) end the trial as pruned
             if decision == "stop":
                 self._store(view, STOPPED, "sample or device-time budget exhausted")
-            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+            self._tell(view, TrialState.PRUNED)
 
     def _stop_running(self, views: list[_TrialView], reason: str) -> None:
         for view in views:
-            if view.trial.state != TrialState.RUNNING:
+            if view.state != TrialState.RUNNING:
                 continue
             if view.attrs.get(READY):
                 rung = view.rung
                 self.executor.cancel(self.run_name(view.number, rung, len(view.failures(rung))))
             self._store(view, STOPPED, reason)
-            self.study.tell(view.number, state=TrialState.PRUNED, skip_if_finished=True)
+            self._tell(view, TrialState.PRUNED)
 
     # --- the final stage ------------------------------------------------------------------------------
 
@@ -523,13 +543,17 @@ class SearchController:
         phase = self.study.user_attrs.get("phase", Phase.PENDING)
         return self._status(phase, self.study.user_attrs.get("message", ""), persist=False)
 
-    def _status(self, phase: str, message: str, *, persist: bool = True) -> SearchStatus:
-        views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
+    def _status(
+        self, phase: str, message: str, views: list[_TrialView] | None = None, *, persist: bool = True
+    ) -> SearchStatus:
+        """The status from `views` (this reconcile's, kept current as it went), or read afresh."""
+        if views is None:
+            views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
         counts = {"running": 0, "completed": 0, "pruned": 0, "failed": 0, "skipped": 0}
         rungs = [0] * self.schedule.rungs
         running_per_rung = [0] * self.schedule.rungs
         for view in views:
-            state = view.trial.state
+            state = view.state
             if view.attrs.get(SKIPPED):
                 counts["skipped"] += 1
             elif state == TrialState.RUNNING:
@@ -554,7 +578,7 @@ class SearchController:
             device_seconds=device_seconds,
             budgets=list(self.schedule.budgets),
         )
-        completed = [v for v in views if v.trial.state == TrialState.COMPLETE]
+        completed = [v for v in views if v.state == TrialState.COMPLETE]
         names = [t.name for t in self.tasks]
         if completed:
             points = [self._objective_values(v.counts(self.schedule.top_rung)) for v in completed]

@@ -11,6 +11,7 @@ import optuna
 from sqlalchemy.pool import NullPool
 
 from ..spec import MergeSearchSpec
+from .storage import SingleWriterStorage
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -22,8 +23,15 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
         # SQLite allows one writer; NullPool avoids holding connections across processes.
         engine_kwargs = {"poolclass": NullPool, "connect_args": {"timeout": 60}}
     else:
-        engine_kwargs = {"pool_pre_ping": True}
+        # No pre-ping: it costs a round trip per storage call (Optuna opens a session per call); recycling
+        # connections before the server's idle timeout does the same job for a long-running operator.
+        engine_kwargs = {"pool_recycle": 600}
     return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=None)
+
+
+def controller_storage(url: str) -> SingleWriterStorage:
+    """The storage a search's controller, its only writer, uses: reads from memory, writes through."""
+    return SingleWriterStorage(make_storage(url))
 
 
 def make_sampler(spec: MergeSearchSpec) -> optuna.samplers.BaseSampler:

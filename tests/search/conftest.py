@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from mergesearch_operator.search.controller import SearchController
-from mergesearch_operator.search.study import make_storage, open_study
+from mergesearch_operator.search.study import controller_storage, open_study
 from mergesearch_operator.spaces import ModelFacts, build_space
 from mergesearch_operator.spec import parse_manifest
 
@@ -48,7 +48,7 @@ def make_controller(
 ) -> SearchController:
     resource = parse_manifest(document)
     if isinstance(storage, str):
-        storage = make_storage(storage)
+        storage = controller_storage(storage)
     study = open_study(resource.metadata.name, resource.spec, storage)
     return SearchController(
         name=resource.metadata.name,

@@ -145,5 +145,11 @@ class VLLMEvaluator(Evaluator):
         core = getattr(engine, "engine_core", None)
         if core is not None:
             core.shutdown()
+            # Shutdown only signals the client's output thread. Left running, it can still be inside
+            # ZeroMQ when the interpreter exits, which then aborts ("terminate called without an
+            # active exception", exit status 134) after all the work is done.
+            thread = getattr(core, "output_queue_thread", None)
+            if thread is not None:
+                thread.join(timeout=10)
         del self.llm
         gc.collect()
