@@ -277,9 +277,7 @@ class SearchController:
                 in_flight += self._drive(view, views, launching=launching, exhausted=exhausted)
 
         started = sum(
-            1
-            for v in views
-            if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
+            1 for v in views if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
         )
         more_trials = started < self.spec.budget.max_trials and not exhausted
         skips = 0
@@ -336,7 +334,9 @@ class SearchController:
         if isinstance(plan, Skip):
             trial.set_user_attr(SKIPPED, plan.reason)
             self.study.tell(trial, state=TrialState.PRUNED)
-            views.append(_TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule))
+            views.append(
+                _TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule)
+            )
             return False
         trial.set_user_attr(READY, True)
         name = self.run_name(trial.number, bracket, 0)

@@ -144,9 +144,7 @@ class SingleWriterStorage(BaseStorage):
         with self._lock:
             return self._memory.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
-    def set_trial_state_values(
-        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
-    ) -> bool:
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         with self._lock:
             if not self._db.set_trial_state_values(self._db_trial_id(trial_id), state, values):
                 return False

@@ -25,7 +25,10 @@ def test_what_it_writes_is_in_the_database_for_the_next_process(tmp_path):
     reread = optuna.load_study(study_name="s", storage=url)  # an ordinary storage, as another process sees it
     assert [t.params for t in reread.trials] == [t.params for t in study.trials]
     assert reread.trials[0].params == {"x": 0.5}
-    assert reread.trials[-1].user_attrs == {"note": {"rung": 1}} and reread.trials[-1].state == optuna.trial.TrialState.RUNNING
+    assert (
+        reread.trials[-1].user_attrs == {"note": {"rung": 1}}
+        and reread.trials[-1].state == optuna.trial.TrialState.RUNNING
+    )
     resumed = optuna.load_study(study_name="s", storage=SingleWriterStorage(optuna.storages.RDBStorage(url)))
     assert [t.number for t in resumed.trials] == list(range(6))
     assert resumed.best_value == reread.best_value

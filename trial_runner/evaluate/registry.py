@@ -59,6 +59,11 @@ def validate_settings(backend: str, settings: Mapping[str, Any] | BaseModel | No
 def open_evaluator(
     backend: str, *, model: ModelSource, settings: Mapping[str, Any] | BaseModel | None = None
 ) -> Evaluator:
-    """Load `model` (a directory, or an `InMemoryModel` for hf) into a new evaluator of `backend`."""
+    """Load `model` (a directory, or an `InMemoryModel` for hf) into a new evaluator of `backend`.
+
+    Raises `ValueError` for an unknown backend or bad settings (the field named), `FileNotFoundError`
+    for a directory without config.json, `TypeError` for a model the backend cannot load (vllm and an
+    in-memory model): user errors. Failures while loading the model or starting the engine propagate.
+    """
     validated = validate_settings(backend, settings)
     return get_backend(backend).load()(model=model, settings=validated)

