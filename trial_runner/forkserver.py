@@ -12,6 +12,7 @@ On a cluster each trial is its own pod and this is not used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,21 +47,23 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def _child(run_dir: Path) -> None:
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    os.setsid()
-    log = os.open(run_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    os.dup2(log, 1)
-    os.dup2(log, 2)
-    pid = os.getpid()
-    write_json(run_dir / "pid", {"pid": pid, "start_time": process_start_time(pid), "started": time.time()})
-    from .cli import main
-
+    """Run one trial in the forked child; never returns (an exception must not reach the server's loop)."""
     code = 1
     try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        log = os.open(run_dir / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        pid = os.getpid()
+        write_json(run_dir / "pid", {"pid": pid, "start_time": process_start_time(pid), "started": time.time()})
+        from .cli import main
+
         code = main(["run", str(run_dir / "spec.json")])
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
         os._exit(code)
 
 
@@ -81,8 +84,10 @@ def serve(extra_preload: list[str]) -> None:
             if pid == 0:
                 return
             run_dir = children.pop(pid, None)
-            if run_dir is not None:
-                write_json(run_dir / "exit_code", {"code": os.waitstatus_to_exitcode(status)})
+            # A run that left a result may already be collected and its directory released.
+            if run_dir is not None and run_dir.is_dir():
+                with contextlib.suppress(FileNotFoundError):
+                    write_json(run_dir / "exit_code", {"code": os.waitstatus_to_exitcode(status)})
 
     signal.signal(signal.SIGCHLD, reap)
     print("ready", flush=True)
