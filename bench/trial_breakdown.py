@@ -80,7 +80,7 @@ def main() -> None:
         "test_fraction": 0.1,
         "chat_template": True,
         "max_new_tokens": 64,
-        "answer_pattern": r"(-?\d+)",
+        "answer_pattern": r"(-?\d+)\D*$",  # the last number: the model restates the sum first
     }
     results = {}
     for backend in args.backends:

@@ -38,6 +38,7 @@ from ..spaces.baselines import baselines
 from ..spec import MergeSearchSpec
 from .hyperband import Schedule, promotable
 from .objectives import chebyshev, hypervolume, parego_weights, pareto_front, weighted_score
+from .storage import SingleWriterStorage
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class SearchController:
         space: SearchSpace,
         facts: ModelFacts,
         executor: Executor,
-        storage: optuna.storages.BaseStorage,
+        storage: SingleWriterStorage,
         observer: SearchObserver | None = None,
     ):
         self.name = name
@@ -323,22 +324,25 @@ class SearchController:
 
     def _launch_new(self, views: list[_TrialView]) -> bool:
         """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
-        trial = self.study.ask()
-        bracket = self.schedule.bracket_of(trial.number, salt=self.name)
-        attrs: dict[str, Any] = {BRACKET: bracket}
-        if self.pareto:
-            attrs[WEIGHTS] = parego_weights(trial.number, len(self.tasks), self.spec.search.seed)
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        plan = self.space.suggest(trial)
+        with self.storage.new_trials_in_one_write():  # the database has the whole trial before its run starts
+            trial = self.study.ask()
+            bracket = self.schedule.bracket_of(trial.number, salt=self.name)
+            attrs: dict[str, Any] = {BRACKET: bracket}
+            if self.pareto:
+                attrs[WEIGHTS] = parego_weights(trial.number, len(self.tasks), self.spec.search.seed)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            plan = self.space.suggest(trial)
+            if isinstance(plan, Skip):
+                trial.set_user_attr(SKIPPED, plan.reason)
+                self.study.tell(trial, state=TrialState.PRUNED)
+            else:
+                trial.set_user_attr(READY, True)
         if isinstance(plan, Skip):
-            trial.set_user_attr(SKIPPED, plan.reason)
-            self.study.tell(trial, state=TrialState.PRUNED)
             views.append(
                 _TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule)
             )
             return False
-        trial.set_user_attr(READY, True)
         name = self.run_name(trial.number, bracket, 0)
         self.executor.start(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
         views.append(_TrialView(_Asked(trial.number, TrialState.RUNNING, {**attrs, READY: True}), self.schedule))

@@ -7,6 +7,12 @@ writer, its controller (trial pods never write, and one operator replica runs ea
 storage loads a study once, keeps an `InMemoryStorage` copy, answers every read from it, and performs
 every write on the database first (durable, and the database's checks apply) and then on the copy.
 
+A new trial costs one database write per parameter and attribute (about 20 for an LFS candidate), each
+its own transaction. Inside `new_trials_in_one_write()`, trials created by `ask()` stay in memory while
+they are filled in, and reach the database when the block ends, each as one transaction (Optuna's
+create-from-template). The controller asks, suggests and marks a candidate in such a block, and only
+then starts its run: nothing outside the process ever sees a trial the database does not hold.
+
 Contract, beyond `BaseStorage`'s: one process writes a given study; others may read it (the dashboard,
 `mergesearch status`) through an ordinary storage. Ids handed out are the in-memory copy's; they are
 stable for the life of this object. Thread-safe (one lock). It passes Optuna's own storage test suite.
@@ -14,20 +20,22 @@ stable for the life of this object. Thread-safe (one lock). It passes Optuna's o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
-from collections.abc import Container, Sequence
+from collections.abc import Container, Iterator, Sequence
 from typing import Any
 
 from optuna.distributions import BaseDistribution
-from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
+from optuna.storages import BaseStorage, InMemoryStorage
 from optuna.study import StudyDirection
 from optuna.study._frozen import FrozenStudy
 from optuna.trial import FrozenTrial, TrialState
 
 
 class SingleWriterStorage(BaseStorage):
-    def __init__(self, backend: RDBStorage):
+    def __init__(self, backend: BaseStorage):
+        """`backend`: the durable storage (an `RDBStorage` in production)."""
         self._db = backend
         self._lock = threading.RLock()
         self._reset()
@@ -37,6 +45,8 @@ class SingleWriterStorage(BaseStorage):
         self._db_study: dict[int, int] = {}  # memory study id -> database study id
         self._memory_study: dict[int, int] = {}  # database study id -> memory study id
         self._db_trial: dict[int, int] = {}  # memory trial id -> database trial id
+        self._deferring = False
+        self._pending: dict[int, int] = {}  # memory trial id -> memory study id, in creation order
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: value for key, value in self.__dict__.items() if key != "_lock"}
@@ -125,8 +135,35 @@ class SingleWriterStorage(BaseStorage):
 
     # -- trials ----------------------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def new_trials_in_one_write(self) -> Iterator[None]:
+        """Trials `ask()`ed in this block reach the database when it ends (also on an exception), one
+        transaction each, in the order they were created."""
+        with self._lock:
+            self._deferring = True
+            try:
+                yield
+            finally:
+                self._deferring = False
+                self._write_pending()
+
+    def _write_pending(self) -> None:
+        for trial_id, study_id in list(self._pending.items()):
+            trial = self._memory.get_trial(trial_id)
+            db_trial_id = self._db.create_new_trial(self._db_study_id(study_id), template_trial=trial)
+            if self._db.get_trial_number_from_id(db_trial_id) != trial.number:
+                raise RuntimeError(
+                    f"trial {trial.number} was numbered differently in the database: another process writes this study"
+                )
+            self._db_trial[trial_id] = db_trial_id
+            del self._pending[trial_id]
+
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         with self._lock:
+            if self._deferring and template_trial is None:
+                trial_id = self._memory.create_new_trial(study_id)
+                self._pending[trial_id] = study_id
+                return trial_id
             db_trial_id = self._db.create_new_trial(self._db_study_id(study_id), template_trial)
             # Copy what the database made (its number, timestamps), so both agree exactly.
             trial_id = self._memory.create_new_trial(study_id, template_trial=self._db.get_trial(db_trial_id))
@@ -137,7 +174,8 @@ class SingleWriterStorage(BaseStorage):
         self, trial_id: int, param_name: str, param_value_internal: float, distribution: BaseDistribution
     ) -> None:
         with self._lock:
-            self._db.set_trial_param(self._db_trial_id(trial_id), param_name, param_value_internal, distribution)
+            if trial_id not in self._pending:
+                self._db.set_trial_param(self._db_trial_id(trial_id), param_name, param_value_internal, distribution)
             self._memory.set_trial_param(trial_id, param_name, param_value_internal, distribution)
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
@@ -146,24 +184,28 @@ class SingleWriterStorage(BaseStorage):
 
     def set_trial_state_values(self, trial_id: int, state: TrialState, values: Sequence[float] | None = None) -> bool:
         with self._lock:
-            if not self._db.set_trial_state_values(self._db_trial_id(trial_id), state, values):
+            if trial_id not in self._pending and not self._db.set_trial_state_values(
+                self._db_trial_id(trial_id), state, values
+            ):
                 return False
-            self._memory.set_trial_state_values(trial_id, state, values)
-            return True
+            return self._memory.set_trial_state_values(trial_id, state, values)
 
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         with self._lock:
-            self._db.set_trial_intermediate_value(self._db_trial_id(trial_id), step, intermediate_value)
+            if trial_id not in self._pending:
+                self._db.set_trial_intermediate_value(self._db_trial_id(trial_id), step, intermediate_value)
             self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value)
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._lock:
-            self._db.set_trial_user_attr(self._db_trial_id(trial_id), key, value)
+            if trial_id not in self._pending:
+                self._db.set_trial_user_attr(self._db_trial_id(trial_id), key, value)
             self._memory.set_trial_user_attr(trial_id, key, value)
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._lock:
-            self._db.set_trial_system_attr(self._db_trial_id(trial_id), key, value)
+            if trial_id not in self._pending:
+                self._db.set_trial_system_attr(self._db_trial_id(trial_id), key, value)
             self._memory.set_trial_system_attr(trial_id, key, value)
 
     def get_trial(self, trial_id: int) -> FrozenTrial:

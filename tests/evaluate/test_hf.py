@@ -111,3 +111,16 @@ def test_a_merge_in_memory_evaluates_exactly_like_its_written_directory(world, t
             assert memory.evaluate_samples(task=task, samples=samples) == disk.evaluate_samples(
                 task=task, samples=samples
             )
+
+
+def test_rows_that_end_early_leave_the_batch_without_changing_any_answer(world, tasks):
+    """The base model's answers end at many different lengths, so a batch of 64 drops ended rows (and
+    their cache) several times; every completion must still be what a batch of one decodes."""
+    task, samples = tasks["shift"], search(tasks["shift"], 0, 64)
+    by_batch = {}
+    for batch_size in (64, 1):
+        with open_evaluator("hf", model=world.model("base"), settings={"batch_size": batch_size}) as evaluator:
+            by_batch[batch_size] = evaluator.evaluate_samples(task=task, samples=samples)
+    lengths = sorted(r.generated_tokens for r in by_batch[64])
+    assert lengths[len(lengths) // 2] < lengths[-1], "answers of one length: nothing would leave the batch"
+    assert [r.completion for r in by_batch[64]] == [r.completion for r in by_batch[1]]

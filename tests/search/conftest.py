@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from mergesearch_operator.search.controller import SearchController
+from mergesearch_operator.search.storage import SingleWriterStorage
 from mergesearch_operator.search.study import controller_storage, open_study
 from mergesearch_operator.spaces import ModelFacts, build_space
 from mergesearch_operator.spec import parse_manifest
@@ -44,7 +45,7 @@ def manifest(**spec_overrides: Any) -> dict[str, Any]:
 
 
 def make_controller(
-    document: dict[str, Any], storage: optuna.storages.BaseStorage | str, executor: SyntheticExecutor
+    document: dict[str, Any], storage: SingleWriterStorage | str, executor: SyntheticExecutor
 ) -> SearchController:
     resource = parse_manifest(document)
     if isinstance(storage, str):
@@ -70,9 +71,9 @@ def run_to_end(controller: SearchController, limit: int = 5000):
 
 
 @pytest.fixture
-def storage() -> optuna.storages.BaseStorage:
-    """In-memory storage: the controller's logic, fast. Real databases have tests of their own."""
-    return optuna.storages.InMemoryStorage()
+def storage() -> SingleWriterStorage:
+    """The controller's storage over an in-memory one: its logic, fast. Real databases have tests of their own."""
+    return SingleWriterStorage(optuna.storages.InMemoryStorage())
 
 
 @pytest.fixture

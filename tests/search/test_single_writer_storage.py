@@ -32,3 +32,44 @@ def test_what_it_writes_is_in_the_database_for_the_next_process(tmp_path):
     resumed = optuna.load_study(study_name="s", storage=SingleWriterStorage(optuna.storages.RDBStorage(url)))
     assert [t.number for t in resumed.trials] == list(range(6))
     assert resumed.best_value == reread.best_value
+
+
+def test_trials_asked_in_one_write_reach_the_database_whole_when_the_block_ends(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = SingleWriterStorage(optuna.storages.RDBStorage(url))
+    study = optuna.create_study(study_name="s", storage=storage)
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # written through, call by call
+
+    def in_database() -> list[optuna.trial.FrozenTrial]:
+        return optuna.load_study(study_name="s", storage=url).trials
+
+    with storage.new_trials_in_one_write():
+        filled = study.ask()
+        filled.suggest_float("x", 0, 1)
+        filled.suggest_categorical("method", ["ties", "slerp"])
+        filled.set_user_attr("ready", True)
+        skipped = study.ask()
+        skipped.suggest_float("x", 0, 1)
+        study.tell(skipped, state=optuna.trial.TrialState.PRUNED)
+        assert len(in_database()) == 2  # nobody outside has seen the new trials yet
+    written = in_database()
+    assert [t.number for t in written] == [0, 1, 2, 3]
+    assert written[2].params == study.trials[2].params and set(written[2].params) == {"x", "method"}
+    assert written[2].user_attrs == {"ready": True} and written[2].state == optuna.trial.TrialState.RUNNING
+    assert written[3].state == optuna.trial.TrialState.PRUNED
+    study.tell(filled, 0.5)  # later writes go through as usual
+    assert in_database()[2].value == 0.5
+
+    with pytest.raises(RuntimeError, match="boom"), storage.new_trials_in_one_write():
+        study.ask().set_user_attr("half", True)
+        raise RuntimeError("boom")
+    assert in_database()[4].user_attrs == {"half": True}  # kept: numbering stays in step with the database
+
+
+def test_a_second_writer_is_detected_rather_than_misnumbering_trials(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    storage = SingleWriterStorage(optuna.storages.RDBStorage(url))
+    study = optuna.create_study(study_name="s", storage=storage)
+    optuna.load_study(study_name="s", storage=url).ask()  # another process adds trial 0 behind our back
+    with pytest.raises(RuntimeError, match="another process"), storage.new_trials_in_one_write():
+        study.ask()

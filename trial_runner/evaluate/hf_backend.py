@@ -8,7 +8,8 @@ Decoding is a plain greedy loop over the model's forward pass with a KV cache, n
 argmax of the raw logits, no logits processors, so a checkpoint's generation_config.json (sampling
 settings, repetition penalties) cannot change results, exactly as with the vLLM backend. Prompts are
 sorted by length and batched (`batch_size`), LEFT padded (position ids from the attention mask), so
-every row's next token sits in the last column; a batch ends when every row has ended. Scoring choices
+every row's next token sits in the last column; rows that have ended leave the batch (with their KV
+cache) once a quarter of it has ended, and the batch ends when every row has. Scoring choices
 uses the same left padding and keeps only the logits of the last few positions, so the vocabulary-wide
 log-softmax is never materialised for the whole prompt.
 """
@@ -29,6 +30,7 @@ from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop
 from .settings import HFSettings, checkpoint_dtype
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPACT_AT = 0.75  # drop ended rows from a batch once at most this share of it is still decoding
 
 
 def load_model(model: ModelSource, settings: HFSettings) -> tuple[torch.nn.Module, Any, Path]:
@@ -104,18 +106,27 @@ class HFEvaluator(Evaluator):
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache, last = out.past_key_values, positions[:, -1:]
         tokens: list[list[int]] = [[] for _ in requests]
+        rows = list(range(len(requests)))  # the request of each row still in the batch
         active = [r.max_new_tokens > 0 for r in requests]
         while True:
             chosen = out.logits[:, -1].argmax(-1)
-            for i, token in enumerate(chosen.tolist()):
+            for row, token in enumerate(chosen.tolist()):
+                i = rows[row]
                 if active[i]:
                     tokens[i].append(token)
                     if len(tokens[i]) >= requests[i].max_new_tokens or self.prompts.finished(tokens[i], stop):
                         active[i] = False
-            if not any(active):
+            alive = [row for row, i in enumerate(rows) if active[i]]
+            if not alive:
                 return tokens
-            # Ended rows keep decoding (a fixed batch shape); their tokens are not recorded.
-            mask = torch.cat([mask, mask.new_ones((len(requests), 1))], dim=1)
+            if len(alive) <= len(rows) * COMPACT_AT:
+                # Short answers end early: drop their rows (and cache) rather than decode them to the
+                # longest answer. Not at every ended row: each drop copies the whole KV cache.
+                keep = torch.tensor(alive, device=self.device)
+                cache.batch_select_indices(keep)
+                chosen, mask, last = chosen[keep], mask[keep], last[keep]
+                rows = [rows[row] for row in alive]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             last = last + 1
             out = self.model(
                 input_ids=chosen[:, None],
