@@ -6,10 +6,11 @@ samples, eta 3), the same search with every trial at max samples, and random sea
 Each search is a real `mergesearch run` (local executor, real merges, real evaluations). Afterwards
 every plan that was ever the incumbent (best at the top rung so far) is evaluated on the held-out test
 split, giving "best held-out score versus samples used" per search, and the samples each search needed
-to first reach the full-fidelity search's final held-out best. Also reported: the final best of each
+to first reach the full-fidelity search's final best: on the held-out split, and on the search score
+at full fidelity (what the searches optimise; every incumbent's score is on all maxSamples samples). Also reported: the final best of each
 search against each expert alone, uniform task arithmetic and TIES on the held-out split.
 
-    python bench/search_efficiency.py [--seeds 0 1 2] [--full-trials 24]
+    python bench/search_efficiency.py [--seeds 0 1 2] [--full-trials 24] [--summarize-only]
 """
 
 from __future__ import annotations
@@ -118,7 +119,16 @@ def main() -> None:
     parser.add_argument("--work-dir", default=".cache/bench/search")
     parser.add_argument("--results", default="bench/results/search_efficiency.json")
     parser.add_argument("--plot", default="bench/results/search_efficiency.png")
+    parser.add_argument("--summarize-only", action="store_true", help="recompute summary and plot from --results")
     args = parser.parse_args()
+    if args.summarize_only:
+        saved = json.loads(Path(args.results).read_text())
+        runs = {s: {int(seed): run for seed, run in by_seed.items()} for s, by_seed in saved["runs"].items()}
+        summary = summarize(runs, saved["summary"]["seeds"], saved["summary"]["budget_samples"])
+        Path(args.results).write_text(json.dumps({"summary": summary, "runs": saved["runs"]}, indent=1, default=str))
+        plot(runs, saved["summary"]["seeds"], saved["summary"]["budget_samples"], Path(args.plot))
+        print(json.dumps(summary, indent=2))
+        return
 
     world = build_world(Path.home() / ".cache" / "mergesearch")
     budget = args.full_trials * MAX_SAMPLES * len(TASKS)
@@ -158,40 +168,59 @@ def main() -> None:
             }
             print(name, runs[strategy][seed]["seconds"], "s", history[-1] if history else None, flush=True)
 
-    def first_reaching(history, target):
-        return next((used for used, _, _, score in history if score >= target - 1e-9), None)
-
-    summary: dict[str, Any] = {"budget_samples": budget, "seeds": args.seeds, "per_seed": {}}
-    ratios = {s: [] for s in STRATEGIES}
-    for seed in args.seeds:
-        full = runs["full-fidelity"][seed]["history"]
-        target = max(score for *_, score in full)
-        full_needed = first_reaching(full, target)
-        row = {"target_held_out": target}
-        for strategy in STRATEGIES:
-            needed = first_reaching(runs[strategy][seed]["history"], target)
-            row[strategy] = {
-                "samples_to_target": needed,
-                "final_best_held_out": max((score for *_, score in runs[strategy][seed]["history"]), default=None),
-            }
-            if needed is not None:
-                ratios[strategy].append(needed / full_needed)
-        summary["per_seed"][seed] = row
-    summary["mean_ratio_of_samples_to_reach_full_fidelity_best"] = {
-        s: (statistics.mean(r) if len(r) == len(args.seeds) else None) for s, r in ratios.items()
-    }
-    fixed = runs["full-fidelity"][args.seeds[0]]["final_held_out"]  # the same plans in every run
-    summary["held_out_comparison"] = {
-        **{
-            s: statistics.mean(max(score for *_, score in runs[s][seed]["history"]) for seed in args.seeds)
-            for s in STRATEGIES
-        },
-        **{label: value for label, value in fixed.items() if label in BASELINE_LABELS},
-    }
+    summary = summarize(runs, args.seeds, budget)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
     plot(runs, args.seeds, budget, Path(args.plot))
     print(json.dumps(summary, indent=2))
+
+
+def first_reaching(history, target: float, index: int) -> int | None:
+    """Samples used when an incumbent first scored at least `target` (index 2: search score, 3: held-out)."""
+    return next((entry[0] for entry in history if entry[index] >= target - 1e-9), None)
+
+
+def summarize(runs: dict[str, dict[int, Any]], seeds: list[int], budget: int) -> dict[str, Any]:
+    """Per seed, the samples each search needed to reach the full-fidelity search's final best, on the
+    held-out split and on the search score at full fidelity (every incumbent's score is at maxSamples)."""
+    summary: dict[str, Any] = {"budget_samples": budget, "seeds": seeds, "per_seed": {}}
+    ratios = {(s, m): [] for s in STRATEGIES for m in ("held_out", "search_score")}
+    for seed in seeds:
+        full = runs["full-fidelity"][seed]["history"]
+        row: dict[str, Any] = {}
+        for metric, index in (("held_out", 3), ("search_score", 2)):
+            target = max(entry[index] for entry in full)
+            full_needed = first_reaching(full, target, index)
+            row[metric] = {"target": target}
+            for strategy in STRATEGIES:
+                history = runs[strategy][seed]["history"]
+                needed = first_reaching(history, target, index)
+                row[metric][strategy] = {
+                    "samples_to_target": needed,
+                    "final_best": max((entry[index] for entry in history), default=None),
+                }
+                if needed is not None:
+                    ratios[strategy, metric].append(needed / full_needed)
+        summary["per_seed"][seed] = row
+    summary["mean_ratio_of_samples_to_reach_full_fidelity_best"] = {
+        metric: {
+            s: (statistics.mean(ratios[s, metric]) if len(ratios[s, metric]) == len(seeds) else None)
+            for s in STRATEGIES
+        }
+        for metric in ("held_out", "search_score")
+    }
+    summary["seeds_reaching_the_target"] = {
+        metric: {s: len(ratios[s, metric]) for s in STRATEGIES} for metric in ("held_out", "search_score")
+    }
+    fixed = runs["full-fidelity"][seeds[0]]["final_held_out"]  # the same plans in every run
+    summary["held_out_comparison"] = {
+        **{
+            s: statistics.mean(max(entry[3] for entry in runs[s][seed]["history"]) for seed in seeds)
+            for s in STRATEGIES
+        },
+        **{label: value for label, value in fixed.items() if label in BASELINE_LABELS},
+    }
+    return summary
 
 
 def plot(runs, seeds, budget, path: Path) -> None:

@@ -51,19 +51,26 @@ def test_trials_asked_in_one_write_reach_the_database_whole_when_the_block_ends(
         skipped = study.ask()
         skipped.suggest_float("x", 0, 1)
         study.tell(skipped, state=optuna.trial.TrialState.PRUNED)
+        finished = study.ask()
+        finished.report(0.125, step=10)
+        storage.set_trial_system_attr(finished._trial_id, "origin", {"by": "test"})
+        study.tell(finished, float("inf"))
         assert len(in_database()) == 2  # nobody outside has seen the new trials yet
     written = in_database()
-    assert [t.number for t in written] == [0, 1, 2, 3]
+    assert [t.number for t in written] == [0, 1, 2, 3, 4]
     assert written[2].params == study.trials[2].params and set(written[2].params) == {"x", "method"}
     assert written[2].user_attrs == {"ready": True} and written[2].state == optuna.trial.TrialState.RUNNING
     assert written[3].state == optuna.trial.TrialState.PRUNED
+    assert written[4].intermediate_values == {10: 0.125} and written[4].value == float("inf")
+    assert written[4].system_attrs == {"origin": {"by": "test"}} and written[4].datetime_complete is not None
+    assert [t.datetime_start for t in written] == [t.datetime_start for t in study.trials]
     study.tell(filled, 0.5)  # later writes go through as usual
     assert in_database()[2].value == 0.5
 
     with pytest.raises(RuntimeError, match="boom"), storage.new_trials_in_one_write():
         study.ask().set_user_attr("half", True)
         raise RuntimeError("boom")
-    assert in_database()[4].user_attrs == {"half": True}  # kept: numbering stays in step with the database
+    assert in_database()[5].user_attrs == {"half": True}  # kept: numbering stays in step with the database
 
 
 def test_a_second_writer_is_detected_rather_than_misnumbering_trials(tmp_path):
