@@ -7,8 +7,9 @@ Each search is a real `mergesearch run` (local executor, real merges, real evalu
 every plan that was ever the incumbent (best at the top rung so far) is evaluated on the held-out test
 split, giving "best held-out score versus samples used" per search, and the samples each search needed
 to first reach the full-fidelity search's final best: on the held-out split, and on the search score
-at full fidelity (what the searches optimise; every incumbent's score is on all maxSamples samples). Also reported: the final best of each
-search against each expert alone, uniform task arithmetic and TIES on the held-out split.
+at full fidelity (what the searches optimise; every incumbent's score is on all maxSamples samples).
+Also reported: the final best of each search against each expert alone, uniform task arithmetic and
+TIES on the held-out split.
 
     python bench/search_efficiency.py [--seeds 0 1 2] [--full-trials 24] [--summarize-only]
 """
