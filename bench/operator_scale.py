@@ -213,7 +213,7 @@ def main() -> None:
         "trials": trials,
         "parallel": args.parallel,
         "sampler": args.sampler,
-        "phase": status.get("phase"),
+        "phase": status.get("phase"),  # not Succeeded: --timeout cut the run, the counts are those so far
         "seconds": round(elapsed, 1),
         "pods": len(kubelet.seen),
         "api_requests": len(operator_requests),
@@ -223,14 +223,17 @@ def main() -> None:
         "operator_cpu_ms_per_trial": round(1000 * cpu / max(trials, 1), 2),
         "status_bytes": len(json.dumps(status)),
     }
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), flush=True)
     operator.terminate()
-    operator.wait(30)
+    try:
+        operator.wait(30)
+    except subprocess.TimeoutExpired:  # a reconcile thread still in flight; the numbers are already taken
+        operator.kill()
     kubelet.stop.set()
     kube.stop()
     postgres.stop()
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

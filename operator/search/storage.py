@@ -9,8 +9,8 @@ every write on the database first (durable, and the database's checks apply) and
 
 A new trial costs one database write per parameter and attribute (about 20 for an LFS candidate), each
 its own transaction. Inside `new_trials_in_one_write()`, trials created by `ask()` stay in memory while
-they are filled in, and reach the database when the block ends, each as one transaction (Optuna's
-create-from-template). The controller asks, suggests and marks a candidate in such a block, and only
+they are filled in, and reach the database when the block ends, each as one transaction of a few
+statements (`_insert_trial`). The controller asks, suggests and marks a candidate in such a block, and only
 then starts its run: nothing outside the process ever sees a trial the database does not hold.
 
 Contract, beyond `BaseStorage`'s: one process writes a given study; others may read it (the dashboard,
