@@ -98,6 +98,7 @@ CONFIGS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("vllm compiled, vLLM thread defaults (1 core)", "vllm", "chat", {"enforce_eager": False, **VLLM_DEFAULT_THREADS}),
     ("vllm compiled, 2 cores (reserve 0)", "vllm", "chat", {"enforce_eager": False, "cpu_reserved_cores": 0}),
     (DEFAULT, "vllm", "chat", {}),
+    ("vllm default, engine in spawned processes", "vllm", "chat", {"in_process": False}),
     ("vllm default, max_num_seqs 64", "vllm", "chat", {"max_num_seqs": 64}),
     ("vllm default, max_num_batched_tokens 8192", "vllm", "chat", {"max_num_batched_tokens": 8192}),
     ("vllm default, float32", "vllm", "chat", {"dtype": "float32"}),

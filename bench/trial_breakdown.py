@@ -5,7 +5,8 @@ saves anything. One trial = TIES of three experts onto SmolLM2-135M-Instruct (as
 makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each executor runs it:
 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
-- warm: in a process that has imported everything, as the local fork server's children do;
+- warm: in a process that has imported everything, as the local fork server's children do (the server
+  preloads vLLM too when the search's backend is vllm);
 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
 local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
@@ -17,6 +18,7 @@ job is that a node downloads once). Reported: each phase's seconds and the fixed
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import random
 import subprocess
@@ -25,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from mergesearch_trial_runner.forkserver import PRELOAD
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
 
@@ -107,7 +110,10 @@ def main() -> None:
         cold_wall = time.perf_counter() - started
         cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
 
-        from mergesearch_trial_runner.cli import run_trial  # warm: the imports are paid
+        # warm: the imports are paid, as in the local fork server (which also preloads vLLM for a vllm search)
+        for module in (*PRELOAD, *(["vllm"] if backend == "vllm" else [])):
+            importlib.import_module(module)
+        from mergesearch_trial_runner.cli import run_trial
 
         warm_result = run_trial(spec)
         rows = {}

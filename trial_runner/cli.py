@@ -65,7 +65,6 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     from .evaluate.base import InMemoryModel
     from .evaluate.registry import open_evaluator, validate_settings
     from .merge.engine import merge_to_directory, merge_to_state_dict
-    from .merge.memory import return_large_blocks_to_the_system
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -82,7 +81,6 @@ def run_trial(spec: TrialSpec) -> TrialResult:
     samples = {task.name: load_samples(store, task, spec) for task in spec.tasks}
     mark = lap("fetch", started)
 
-    return_large_blocks_to_the_system()
     device = _device(spec.device)
     merged_dir = Path(spec.scratch_dir) / "merged"
     if spec.backend == "hf" and spec.output_uri is None:

@@ -24,6 +24,7 @@ import kopf
 import optuna
 
 from ..metrics import SearchMetrics, serve
+from ..search.storage import StorageDiverged
 from ..spec import API_GROUP, API_VERSION, ManifestError
 from . import status as st
 from .api import KubernetesApi, load_configuration
@@ -58,7 +59,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
 
 
 @kopf.index("pods", labels={LABEL_SEARCH: kopf.PRESENT})
-def trial_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[tuple[str, str], PodView]:
+async def trial_pods(
+    namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], PodView]:
+    # async: it only reads the event, and kopf runs a sync handler through a thread pool, per pod event
     return {(namespace, labels[LABEL_SEARCH]): PodView.from_body(body)}
 
 
@@ -125,8 +129,10 @@ def reconcile(
     runtime.executor.observe(pods)
     try:
         current = runtime.controller.reconcile()
-    except Exception:
+    except Exception as exc:
         runtime.metrics.reconciled(time.perf_counter() - started, error=True)
+        if isinstance(exc, StorageDiverged):  # the next reconcile builds a new runtime from the database
+            memo.runtimes.pop((runtime.namespace, runtime.name), None)
         raise  # kopf logs it and the timer tries again at the next interval
     runtime.metrics.reconciled(time.perf_counter() - started, error=False)
     runtime.fingerprint, runtime.reconciled_at = fingerprint, time.monotonic()

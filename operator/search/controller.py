@@ -6,22 +6,27 @@ returns the status. Call it again and again (a loop locally, a timer and pod eve
 a crash, a new controller on the same study and executor carries on, because every fact it acts on is
 stored before it acts:
 
-1. a finished run's counts are stored on its trial (`result.r<k>`), then the run is released;
-2. the decision for that rung is stored (`decision.r<k>`: promote, complete, prune or stop), then acted
-   on: a promotion starts the next rung's run (idempotent by its deterministic name), the others tell
-   Optuna (idempotent with skip_if_finished);
+1. a finished run's counts are stored on its trial (`result.r<k>`) with the decision they lead to
+   (`decision.r<k>`: promote, complete, prune or stop) and, unless promoted, the trial's end; then the
+   run is released and a promotion starts the next rung's run (idempotent by its deterministic name).
+   A decision found stored but not acted on is acted on again (telling Optuna is idempotent with
+   skip_if_finished);
 3. a failed run is stored (`failures.r<k>`) and retried under a new name (`-a<n>`) while retries last.
 
 So no run is started twice and no counted sample is evaluated again. Trial runs write nothing to the
-study: the controller alone tells Optuna.
+study: the controller alone tells Optuna. A reconcile stores what it learns and decides (results,
+decisions, new trials) in one database transaction and only then acts on runs (`_store_then_act`):
+with many trials in flight, one transaction per reconcile instead of a few per trial.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import time
 from collections import ChainMap
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +114,7 @@ class _TrialView:
     schedule: Schedule
     stored: dict[str, Any] = field(default_factory=dict)
     told: TrialState | None = None  # what this reconcile told Optuna, not yet in `trial`
+    scores: dict[tuple[int, tuple[float, ...] | None], float] = field(default_factory=dict)  # see `_score`
 
     @property
     def number(self) -> int:
@@ -122,8 +128,8 @@ class _TrialView:
     def attrs(self) -> Mapping[str, Any]:
         return ChainMap(self.stored, self.trial.user_attrs)
 
-    @property
-    def bracket(self) -> int:
+    @functools.cached_property
+    def bracket(self) -> int:  # set when the trial is asked, never changed
         return int(self.attrs.get(BRACKET, 0))
 
     def result(self, rung: int) -> dict[str, Any] | None:
@@ -199,6 +205,7 @@ class SearchController:
         self.name = name
         self.observer = observer or SearchObserver()
         self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
+        self._deferred_acts: list[Callable[[], None]] | None = None
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self._trial_ids: dict[int, int] = {}
         self.spec = spec
@@ -250,11 +257,18 @@ class SearchController:
         return [acc.get(task.name, 0.0) for task in self.tasks]
 
     def _score(self, view: _TrialView, rung: int, weights: list[float] | None) -> float:
-        """The number that ranks trials at a rung: the weighted mean, or a Chebyshev scalarisation."""
-        values = self._objective_values(view.counts(rung))
-        if weights is None:
-            return weighted_score(dict(zip([t.name for t in self.tasks], values, strict=True)), self.objective_weights)
-        return chebyshev(values, weights)
+        """The number that ranks trials at a rung: the weighted mean, or a Chebyshev scalarisation.
+
+        Kept on the view: every decision at a rung ranks its bracket's other trials there."""
+        key = (rung, None if weights is None else tuple(weights))
+        if key not in view.scores:
+            values = self._objective_values(view.counts(rung))
+            if weights is None:
+                names = [t.name for t in self.tasks]
+                view.scores[key] = weighted_score(dict(zip(names, values, strict=True)), self.objective_weights)
+            else:
+                view.scores[key] = chebyshev(values, weights)
+        return view.scores[key]
 
     def _weights_of(self, view: _TrialView) -> list[float] | None:
         return view.attrs.get(WEIGHTS) if self.pareto else None
@@ -273,24 +287,27 @@ class SearchController:
         exhausted = self._exhausted(usage)
         launching = not self.spec.suspend
         in_flight = 0
-        for view in views:
-            if view.state == TrialState.RUNNING:
-                in_flight += self._drive(view, views, launching=launching, exhausted=exhausted)
+        with self._store_then_act():
+            for view in views:
+                if view.state == TrialState.RUNNING:
+                    in_flight += self._drive(view, views, launching=launching, exhausted=exhausted)
 
-        started = sum(
-            1 for v in views if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
-        )
-        more_trials = started < self.spec.budget.max_trials and not exhausted
-        skips = 0
-        while launching and more_trials and in_flight < self.spec.budget.parallel_trials:
-            if self._launch_new(views):
-                started += 1
-                in_flight += 1
-            else:
-                skips += 1
-                if skips >= MAX_SKIPS_PER_RECONCILE:  # the sampler keeps proposing stacks over the cap
-                    break
-            more_trials = started < self.spec.budget.max_trials
+            started = sum(
+                1
+                for v in views
+                if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
+            )
+            more_trials = started < self.spec.budget.max_trials and not exhausted
+            skips = 0
+            while launching and more_trials and in_flight < self.spec.budget.parallel_trials:
+                if self._launch_new(views):
+                    started += 1
+                    in_flight += 1
+                else:
+                    skips += 1
+                    if skips >= MAX_SKIPS_PER_RECONCILE:  # the sampler keeps proposing stacks over the cap
+                        break
+                more_trials = started < self.spec.budget.max_trials
 
         if in_flight:
             phase = Phase.RUNNING if launching else Phase.SUSPENDED
@@ -299,6 +316,30 @@ class SearchController:
             phase = Phase.SUSPENDED if not launching else Phase.RUNNING
             return self._status(phase, self._progress_message(exhausted), views)
         return self._finalize(launching)
+
+    @contextlib.contextmanager
+    def _store_then_act(self) -> Iterator[None]:
+        """Writes in this block reach the database in one transaction; the runs it starts and releases
+        (`_start_run`, `_release_run`) are started and released after that commits, so that nothing
+        outside acts on a fact the database does not hold. After an exception nothing is acted on: the
+        next reconcile finds the stored facts and acts then (starting a run is idempotent by name)."""
+        acts: list[Callable[[], None]] = []
+        self._deferred_acts = acts
+        try:
+            with self.storage.in_one_transaction():
+                yield
+        finally:
+            self._deferred_acts = None
+        for act in acts:
+            act()
+
+    def _start_run(self, spec: TrialSpec) -> None:
+        assert self._deferred_acts is not None, "runs are started from inside _store_then_act"
+        self._deferred_acts.append(functools.partial(self.executor.start, spec))
+
+    def _release_run(self, name: str) -> None:
+        assert self._deferred_acts is not None, "runs are released from inside _store_then_act"
+        self._deferred_acts.append(functools.partial(self.executor.release, name))
 
     def _initialize(self) -> None:
         if self.study.user_attrs.get(INITIALIZED):
@@ -324,27 +365,24 @@ class SearchController:
 
     def _launch_new(self, views: list[_TrialView]) -> bool:
         """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
-        with self.storage.new_trials_in_one_write():  # the database has the whole trial before its run starts
-            trial = self.study.ask()
-            bracket = self.schedule.bracket_of(trial.number, salt=self.name)
-            attrs: dict[str, Any] = {BRACKET: bracket}
-            if self.pareto:
-                attrs[WEIGHTS] = parego_weights(trial.number, len(self.tasks), self.spec.search.seed)
-            for key, value in attrs.items():
-                trial.set_user_attr(key, value)
-            plan = self.space.suggest(trial)
-            if isinstance(plan, Skip):
-                trial.set_user_attr(SKIPPED, plan.reason)
-                self.study.tell(trial, state=TrialState.PRUNED)
-            else:
-                trial.set_user_attr(READY, True)
+        trial = self.study.ask()
+        bracket = self.schedule.bracket_of(trial.number, salt=self.name)
+        attrs: dict[str, Any] = {BRACKET: bracket}
+        if self.pareto:
+            attrs[WEIGHTS] = parego_weights(trial.number, len(self.tasks), self.spec.search.seed)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        plan = self.space.suggest(trial)
         if isinstance(plan, Skip):
+            trial.set_user_attr(SKIPPED, plan.reason)
+            self.study.tell(trial, state=TrialState.PRUNED)
             views.append(
                 _TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule)
             )
             return False
+        trial.set_user_attr(READY, True)  # with the parameters, in the same transaction: a complete trial
         name = self.run_name(trial.number, bracket, 0)
-        self.executor.start(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
+        self._start_run(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
         views.append(_TrialView(_Asked(trial.number, TrialState.RUNNING, {**attrs, READY: True}), self.schedule))
         return True
 
@@ -386,14 +424,19 @@ class SearchController:
         if status.phase is RunPhase.MISSING:
             if not launching:
                 return 0
-            self.executor.start(self._trial_spec(name, self._plan(view.trial), rung=rung, bracket=view.bracket))
+            self._start_run(self._trial_spec(name, self._plan(view.trial), rung=rung, bracket=view.bracket))
             return 1
         if status.phase is RunPhase.RUNNING:
             return 1
         if status.phase is RunPhase.SUCCEEDED:
             self._record_result(view, rung, status)
-            self.executor.release(name)
-            return self._drive(view, views, launching=launching, exhausted=exhausted)
+            decision = self._decide(view, views, rung, exhausted)
+            self._store(view, decision_key(rung), decision)
+            self._release_run(name)
+            if decision != "promote":
+                self._act(view, rung, decision)
+                return 0
+            return self._drive(view, views, launching=launching, exhausted=exhausted)  # starts the next rung
         return self._record_failure(view, rung, name, status, launching=launching)
 
     def _record_result(self, view: _TrialView, rung: int, status: RunStatus) -> None:
@@ -425,7 +468,7 @@ class SearchController:
         self.observer.run_failed(cause=status.cause or "Error")
         failures = [*view.failures(rung), failure]
         self._store(view, failures_key(rung), failures)
-        self.executor.release(name)
+        self._release_run(name)
         if status.failure == "user" or len(failures) > self.spec.budget.max_retries:
             log.warning("trial %d failed at rung %d: %s", view.number, rung, status.reason)
             self._tell(view, TrialState.FAIL)
@@ -433,7 +476,7 @@ class SearchController:
         if not launching:
             return 0
         retry = self.run_name(view.number, rung, len(failures))
-        self.executor.start(self._trial_spec(retry, self._plan(view.trial), rung=rung, bracket=view.bracket))
+        self._start_run(self._trial_spec(retry, self._plan(view.trial), rung=rung, bracket=view.bracket))
         return 1
 
     def _decide(self, view: _TrialView, views: list[_TrialView], rung: int, exhausted: bool) -> str:

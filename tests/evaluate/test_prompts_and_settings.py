@@ -112,6 +112,25 @@ def test_vllm_settings_resolve_to_explicit_engine_arguments_per_device():
     assert gpu.engine_args["enforce_eager"] is False
     explicit = VLLMSettings(enforce_eager=True, cpu_omp_threads_bind="0-1", cpu_reserved_cores=0).resolve("cpu")
     assert explicit.engine_args["enforce_eager"] is True
-    assert explicit.env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert explicit.env == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
     with pytest.raises(ValueError, match="apply to vLLM on CPU only"):
         VLLMSettings(cpu_reserved_cores=0).resolve("cuda")
+
+
+def test_vllm_runs_in_process_on_cpu_unless_tensor_parallel():
+    cpu = VLLMSettings().resolve("cpu")
+    assert cpu.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert cpu.engine_args["distributed_executor_backend"] == "uni" and "in_process" not in cpu.engine_args
+    parallel = VLLMSettings(tensor_parallel_size=2).resolve("cpu")
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in parallel.env
+    assert "distributed_executor_backend" not in parallel.engine_args
+    assert "distributed_executor_backend" not in VLLMSettings().resolve("cuda").engine_args
+    assert VLLMSettings(in_process=True).resolve("cuda").engine_args["distributed_executor_backend"] == "uni"
+    with pytest.raises(ValueError, match="in_process needs tensor_parallel_size 1"):
+        VLLMSettings(in_process=True, tensor_parallel_size=2).resolve("cpu")
+    with pytest.raises(ValueError, match=r"engine_args repeats \['distributed_executor_backend'\]"):
+        VLLMSettings(engine_args={"distributed_executor_backend": "mp"})

@@ -35,6 +35,14 @@ prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.jso
   about 2x on the few-shot workload. Multiple-choice requests, which need prompt log-probabilities,
   skip reading the cache (vLLM does this itself), so they get no such gain, but stay exact.
 - `tensor_parallel_size` > 1 on CPU means one worker per NUMA node.
+- Processes (`in_process`): by default vLLM runs its engine core in a spawned process, which on CPU
+  spawns one more for its worker; each imports torch and vLLM afresh. Of the ~25 s a CPU engine took to
+  start, ~19 s were those two spawns (from `bench/trial_breakdown.py`'s logs). `in_process: true`
+  (VLLM_ENABLE_V1_MULTIPROCESSING=0 and the `uni` executor) keeps both in the trial's process: the
+  engine starts in ~4 s once vLLM is imported (in ~12 s with the import), and shuts down in ~1.5 s
+  instead of ~5. The CPU default where `tensor_parallel_size` is 1. It binds the calling process's
+  OpenMP threads to cores, so it suits a process that exists to evaluate (a trial, a job); tests run
+  such engines in a child process (`python -m mergesearch_trial_runner.evaluate`).
 
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
 dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
@@ -43,7 +51,8 @@ dtype explicitly. Set `dtype: bfloat16` to get the faster half-precision path on
 needs AVX-512 BF16 or AMX to be fast).
 
 GPU (`vllm`, CUDA): vLLM's own defaults: KV cache from `gpu_memory_utilization` (0.9 of the GPU),
-CUDA graphs (`enforce_eager` off), prefix caching on, `tensor_parallel_size` from the spec. The CPU-only
+CUDA graphs (`enforce_eager` off), prefix caching on, `tensor_parallel_size` from the spec, the engine
+core in its own process (it schedules the next step while the GPU runs this one). The CPU-only
 settings are refused there, so a GPU trial never runs with a CPU tuning by accident.
 """
 
@@ -103,14 +112,18 @@ class VLLMSettings(BaseModel):
     cpu_reserved_cores: int | None = Field(
         default=None, ge=0, description="CPU only: VLLM_CPU_NUM_OF_RESERVED_CPU, cores kept from the worker"
     )
+    in_process: bool | None = Field(
+        default=None, description="run vLLM's engine core and worker in the trial's process (tensor_parallel_size 1)"
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM argument, passed through (checked when the engine starts)"
     )
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> VLLMSettings:
-        typed = set(type(self).model_fields) - {"engine_args", "kv_cache_gib", "cpu_omp_threads_bind"}
-        clash = sorted((set(self.engine_args) & typed) | ({"kv_cache_memory_bytes"} & set(self.engine_args)))
+        typed = set(type(self).model_fields) - {"engine_args", "kv_cache_gib", "cpu_omp_threads_bind", "in_process"}
+        derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_gib, in_process
+        clash = sorted((set(self.engine_args) & typed) | (derived & set(self.engine_args)))
         if clash:
             raise ValueError(f"engine_args repeats {clash}; set them as settings of their own")
         if "model" in self.engine_args:
@@ -135,6 +148,14 @@ class VLLMSettings(BaseModel):
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         if (gib := merged.pop("kv_cache_gib", None)) is not None:
             merged["kv_cache_memory_bytes"] = int(gib * (1 << 30))
+        in_process = merged.pop("in_process", False)
+        if in_process and merged["tensor_parallel_size"] != 1:
+            if "in_process" in values:
+                raise ValueError("in_process needs tensor_parallel_size 1 (one worker); set in_process: false")
+            in_process = False  # the device's default gives way to the spec's tensor parallelism
+        if in_process:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            merged["distributed_executor_backend"] = "uni"
         return EngineLaunch(engine_args={**merged, **self.engine_args}, env=env)
 
 
@@ -152,6 +173,7 @@ CPU_DEFAULTS: dict[str, Any] = {
     "enforce_eager": True,
     "cpu_omp_threads_bind": "auto",
     "cpu_reserved_cores": 0,
+    "in_process": True,
 }
 # vLLM on GPU: its own defaults, written out where we rely on them.
 GPU_DEFAULTS: dict[str, Any] = {

@@ -2,22 +2,19 @@
 
 TIES keeps each task vector's `k` entries of largest magnitude, a selection over the whole tensor. A
 non-negative float32's bit pattern orders like its value, so a radix selection finds the exact k-th
-largest: a 65,536-bin histogram of the top 16 bits names the bin that holds it; a second pass then
-either gathers that bin's entries and selects among them (the usual case: a bin spans 1/128 of an
-octave and holds few entries), or, when the bin is crowded (many equal values, such as zeros), takes a
-histogram of their low 16 bits. Memory: the histograms and one chunk, whatever the tensor's size. It is
-also faster than a partition of the whole tensor, which is why one-chunk tensors use it too.
+largest in two passes: a 65,536-bin histogram of the top 16 bits names the bin that holds it, and a
+histogram of the low 16 bits of that bin's entries names the entry. Memory: the histograms and one
+chunk, whatever the tensor's size. It is also faster than a partition of the whole tensor (or of the
+boundary bin's entries), which is why one-chunk tensors use it too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 
 BINS = 1 << 16
-MAX_GATHERED = 1 << 20  # entries of the boundary bin gathered at most; above, a second histogram
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:
@@ -42,31 +39,20 @@ def kth_largest_magnitudes(passes: Callable[[], Iterator[Sequence[torch.Tensor]]
     for values in passes():
         for i in range(count):
             high[i] += torch.bincount(_bits(values[i]) >> 16, minlength=BINS).cpu()
-    bins, remaining, crowded = [], [], []
+    bins, remaining = [], []
     for i in range(count):
         bin_index, above = _bin_from_top(high[i], ranks[i])
         bins.append(bin_index)
         remaining.append(ranks[i] - above)
-        crowded.append(int(high[i][bin_index]) > MAX_GATHERED)
 
-    gathered: list[list[torch.Tensor]] = [[] for _ in range(count)]
     low = [torch.zeros(BINS, dtype=torch.int64) for _ in range(count)]
     for values in passes():
         for i in range(count):
             bits = _bits(values[i])
-            in_bin = bits[(bits >> 16) == bins[i]]
-            if crowded[i]:
-                low[i] += torch.bincount(in_bin & 0xFFFF, minlength=BINS).cpu()
-            else:
-                gathered[i].append(in_bin.cpu())
+            low[i] += torch.bincount(bits[(bits >> 16) == bins[i]] & 0xFFFF, minlength=BINS).cpu()
     thresholds = []
     for i in range(count):
-        if crowded[i]:
-            low_bits, _ = _bin_from_top(low[i], remaining[i])
-            pattern = np.array([(bins[i] << 16) | low_bits], dtype=np.int32)
-        else:
-            candidates = torch.cat(gathered[i]).numpy()
-            position = candidates.size - remaining[i]
-            pattern = np.array([np.partition(candidates, position)[position]], dtype=np.int32)
-        thresholds.append(float(pattern.view(np.float32)[0]))
+        low_bits, _ = _bin_from_top(low[i], remaining[i])
+        pattern = torch.tensor([(bins[i] << 16) | low_bits], dtype=torch.int32)
+        thresholds.append(float(pattern.view(torch.float32)))
     return thresholds
