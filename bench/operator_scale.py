@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=64)
     parser.add_argument("--sampler", default="tpe", choices=["tpe", "random"])
     parser.add_argument("--timeout", type=float, default=1800)
-    parser.add_argument("--results", default="bench/results/operator_scale.json")
+    parser.add_argument("--results", help="default: bench/results/operator_scale_<sampler>_<trials>.json")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="ms-scale-"))
@@ -223,8 +223,9 @@ def main() -> None:
         "operator_cpu_ms_per_trial": round(1000 * cpu / max(trials, 1), 2),
         "status_bytes": len(json.dumps(status)),
     }
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps(result, indent=2))
+    results = Path(args.results or f"bench/results/operator_scale_{args.sampler}_{args.trials}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2), flush=True)
     operator.terminate()
     try:
