@@ -11,10 +11,11 @@ Written call by call, a new trial costs one transaction per parameter and attrib
 LFS candidate), and a finished run three or four (its counts, its learning-curve point, the decision,
 the trial's end). Inside `in_one_transaction()`, writes reach the memory copy at once (so reads in the
 block see them, and the copy's checks apply) and the database together when the block ends, in one
-transaction of a few statements: new trials whole (`_insert_trial`), then each changed trial's changed
-rows, as the memory copy holds them then (`_update_trial`). The controller asks, suggests and marks a
-candidate in such a block, and records a run's result with its decision in another, and only then acts
-(starts or deletes runs): nothing outside the process ever acts on a fact the database does not hold.
+transaction of a few statements per trial: new trials whole (`_insert_trial`), then each changed
+trial's changed rows, as the memory copy holds them then (`_update_trial`), with SQLAlchemy Core on
+Optuna's own tables. The controller runs each reconcile in such a block (new trials, results,
+decisions) and only then starts or deletes runs: nothing outside the process ever acts on a fact the
+database does not hold.
 If that transaction fails, the memory copy is ahead of the database: the storage then refuses every
 further call (`StorageDiverged`), and its owner builds a new one, which loads the study afresh.
 
