@@ -11,7 +11,7 @@ stored before it acts:
    run is released and a promotion starts the next rung's run (idempotent by its deterministic name).
    A decision found stored but not acted on is acted on again (telling Optuna is idempotent with
    skip_if_finished);
-3. a failed run is stored (`failures.r<k>`) and retried under a new name (`-a<n>`) while retries last.
+2. a failed run is stored (`failures.r<k>`) and retried under a new name (`-a<n>`) while retries last.
 
 So no run is started twice and no counted sample is evaluated again. Trial runs write nothing to the
 study: the controller alone tells Optuna. A reconcile stores what it learns and decides (results,
