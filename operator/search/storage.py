@@ -31,7 +31,7 @@ import copy
 import datetime
 import json
 import threading
-from collections.abc import Container, Iterator, Mapping, Sequence
+from collections.abc import Callable, Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,32 +254,50 @@ class SingleWriterStorage(BaseStorage):
                 return False
             return self._memory.set_trial_state_values(trial_id, state, values)
 
+    def _write_row(
+        self,
+        trial_id: int,
+        to_database: Callable[[int], None],
+        to_memory: Callable[[], None],
+        note: Callable[[_Changes], None],
+    ) -> None:
+        """One row of a trial: a new trial's go to memory only (it is inserted whole at the block's end);
+        in a block, to memory and noted for the block's transaction; otherwise to the database first."""
+        if trial_id in self._pending:
+            to_memory()
+        elif (changes := self._deferred(trial_id)) is not None:
+            to_memory()
+            note(changes)
+        else:
+            to_database(self._db_trial_id(trial_id))
+            to_memory()
+
     def set_trial_intermediate_value(self, trial_id: int, step: int, intermediate_value: float) -> None:
         with self._open():
-            changes = None if trial_id in self._pending else self._deferred(trial_id)
-            if trial_id not in self._pending and changes is None:
-                self._db.set_trial_intermediate_value(self._db_trial_id(trial_id), step, intermediate_value)
-            self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value)
-            if changes is not None:
-                changes.steps.add(step)
+            self._write_row(
+                trial_id,
+                lambda db_trial_id: self._db.set_trial_intermediate_value(db_trial_id, step, intermediate_value),
+                lambda: self._memory.set_trial_intermediate_value(trial_id, step, intermediate_value),
+                lambda changes: changes.steps.add(step),
+            )
 
     def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._open():
-            changes = None if trial_id in self._pending else self._deferred(trial_id)
-            if trial_id not in self._pending and changes is None:
-                self._db.set_trial_user_attr(self._db_trial_id(trial_id), key, value)
-            self._memory.set_trial_user_attr(trial_id, key, value)
-            if changes is not None:
-                changes.user_attrs.add(key)
+            self._write_row(
+                trial_id,
+                lambda db_trial_id: self._db.set_trial_user_attr(db_trial_id, key, value),
+                lambda: self._memory.set_trial_user_attr(trial_id, key, value),
+                lambda changes: changes.user_attrs.add(key),
+            )
 
     def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
         with self._open():
-            changes = None if trial_id in self._pending else self._deferred(trial_id)
-            if trial_id not in self._pending and changes is None:
-                self._db.set_trial_system_attr(self._db_trial_id(trial_id), key, value)
-            self._memory.set_trial_system_attr(trial_id, key, value)
-            if changes is not None:
-                changes.system_attrs.add(key)
+            self._write_row(
+                trial_id,
+                lambda db_trial_id: self._db.set_trial_system_attr(db_trial_id, key, value),
+                lambda: self._memory.set_trial_system_attr(trial_id, key, value),
+                lambda changes: changes.system_attrs.add(key),
+            )
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         with self._open():
