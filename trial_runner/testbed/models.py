@@ -24,7 +24,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .tasks import TASKS, samples
+from .tasks import LETTERS, TASKS, Sample, samples
 
 _CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -116,8 +116,16 @@ class WorldSettings:
     batch_size: int = 48
     learning_rate: float = 3e-3
     expert_learning_rate: float = 2e-4
+    # The share of an expert's training samples drawn from the other tasks, so that it keeps them.
+    expert_replay: float = 0.0
+    # Per task (in task order), the letters its words are made of; empty: "abcdefgh" for every task.
+    # Tasks over disjoint letters share less of the model, so their task vectors add up with less loss.
+    task_letters: tuple[str, ...] = ()
     search_samples: int = 1000
     test_samples: int = 300
+
+    def letters(self, task: str) -> str:
+        return self.task_letters[list(TASKS).index(task)] if self.task_letters else LETTERS
 
     def key(self) -> str:
         blob = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
@@ -166,14 +174,17 @@ def _train(
     learning_rate: float,
     settings: WorldSettings,
     seed: int,
+    replay: float = 0.0,
 ) -> None:
+    """Train on samples of `tasks`, and a `replay` share of samples of the other tasks."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
+    others = [t for t in TASKS if t not in tasks]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
     model.train()
     for _ in range(steps):
-        batch = [TASKS[rng.choice(tasks)](rng) for _ in range(settings.batch_size)]
+        batch = [_draw(rng, tasks, others, replay, settings) for _ in range(settings.batch_size)]
         ids, target = _batch(tokenizer, batch)
         loss = model(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id), labels=target).loss
         optimizer.zero_grad()
@@ -181,6 +192,13 @@ def _train(
         optimizer.step()
         schedule.step()
     model.eval()
+
+
+def _draw(rng: random.Random, tasks: list[str], others: list[str], replay: float, settings: WorldSettings) -> Sample:
+    """One training sample: of `tasks`, or with probability `replay` of the `others`."""
+    # Without replay no extra draw is made, so worlds built before replay existed stay the same.
+    name = rng.choice(others) if replay and rng.random() < replay else rng.choice(tasks)
+    return TASKS[name](rng, settings.letters(name))
 
 
 def build_world(cache_dir: Path | str, settings: WorldSettings = WorldSettings()) -> World:
@@ -205,13 +223,14 @@ def build_world(cache_dir: Path | str, settings: WorldSettings = WorldSettings()
             settings.expert_learning_rate,
             settings,
             seed=settings.seed + 1000 * offset,
+            replay=settings.expert_replay,
         )
         save_model(base, tokenizer, world.model(task), torch.float32)
     (world.root / "tasks").mkdir(exist_ok=True)
     for task in TASKS:
         # Different seeds from training's stream; search and test splits never share a sample list.
         for split, count, seed in (("search", settings.search_samples, 1), ("test", settings.test_samples, 2)):
-            rows = samples(task, count, seed=settings.seed * 10 + seed + 100)
+            rows = samples(task, count, seed=settings.seed * 10 + seed + 100, letters=settings.letters(task))
             world.split(task, split).write_text("".join(json.dumps(r) + "\n" for r in rows))
     (world.root / "DONE").write_text(json.dumps(asdict(settings)))
     return world

@@ -14,30 +14,30 @@ LETTERS = "abcdefgh"
 Sample = dict[str, str]
 
 
-def _letters(rng: random.Random) -> str:
-    return "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+def _letters(rng: random.Random, letters: str) -> str:
+    return "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
 
 
-def reverse(rng: random.Random) -> Sample:
-    word = _letters(rng)
+def reverse(rng: random.Random, letters: str = LETTERS) -> Sample:
+    word = _letters(rng, letters)
     return {"prompt": f"rev {word}=", "answer": word[::-1]}
 
 
-def sort(rng: random.Random) -> Sample:
-    word = _letters(rng)
+def sort(rng: random.Random, letters: str = LETTERS) -> Sample:
+    word = _letters(rng, letters)
     return {"prompt": f"srt {word}=", "answer": "".join(sorted(word))}
 
 
-def shift(rng: random.Random) -> Sample:
-    """Each letter moved one place on in the alphabet (h wraps to a)."""
-    word = _letters(rng)
-    return {"prompt": f"shf {word}=", "answer": "".join(LETTERS[(LETTERS.index(c) + 1) % len(LETTERS)] for c in word)}
+def shift(rng: random.Random, letters: str = LETTERS) -> Sample:
+    """Each letter moved one place on in the alphabet (the last wraps to the first)."""
+    word = _letters(rng, letters)
+    return {"prompt": f"shf {word}=", "answer": "".join(letters[(letters.index(c) + 1) % len(letters)] for c in word)}
 
 
-TASKS: dict[str, Callable[[random.Random], Sample]] = {"reverse": reverse, "sort": sort, "shift": shift}
+TASKS: dict[str, Callable[[random.Random, str], Sample]] = {"reverse": reverse, "sort": sort, "shift": shift}
 
 
-def samples(task: str, count: int, seed: int) -> list[Sample]:
-    """`count` samples of `task`, the same for the same seed."""
+def samples(task: str, count: int, seed: int, letters: str = LETTERS) -> list[Sample]:
+    """`count` samples of `task` over `letters`, the same for the same seed."""
     rng = random.Random(f"{task}:{seed}")
-    return [TASKS[task](rng) for _ in range(count)]
+    return [TASKS[task](rng, letters) for _ in range(count)]
