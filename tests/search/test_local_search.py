@@ -76,8 +76,9 @@ def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_pa
         return sum(c / e for c, e in tasks.values()) / len(tasks)
 
     # Two trials run at once, so which finishes first (and so Hyperband's decisions) depends on timing;
-    # against single experts the held-out margin then goes either way (bench/search_efficiency.py shows
-    # why: later incumbents overfit the search split). Uniform task arithmetic is the bar the issue sets.
+    # against single experts the held-out margin then goes either way (in this world merges that trade one
+    # task for another score alike out of sample: README, Search efficiency). Uniform task arithmetic is
+    # the bar the issue sets.
     assert held_out("best") > held_out("task_arithmetic"), {label: held_out(label) for label in final}
     assert {f"expert:{e}" for e in world.experts} <= set(final)  # the experts are compared in the final stage
     out = tmp_path / "out"
