@@ -18,17 +18,17 @@ def _letters(rng: random.Random, letters: str) -> str:
     return "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
 
 
-def reverse(rng: random.Random, letters: str = LETTERS) -> Sample:
+def reverse(rng: random.Random, letters: str) -> Sample:
     word = _letters(rng, letters)
     return {"prompt": f"rev {word}=", "answer": word[::-1]}
 
 
-def sort(rng: random.Random, letters: str = LETTERS) -> Sample:
+def sort(rng: random.Random, letters: str) -> Sample:
     word = _letters(rng, letters)
     return {"prompt": f"srt {word}=", "answer": "".join(sorted(word))}
 
 
-def shift(rng: random.Random, letters: str = LETTERS) -> Sample:
+def shift(rng: random.Random, letters: str) -> Sample:
     """Each letter moved one place on in the alphabet (the last wraps to the first)."""
     word = _letters(rng, letters)
     return {"prompt": f"shf {word}=", "answer": "".join(letters[(letters.index(c) + 1) % len(letters)] for c in word)}
@@ -37,7 +37,7 @@ def shift(rng: random.Random, letters: str = LETTERS) -> Sample:
 TASKS: dict[str, Callable[[random.Random, str], Sample]] = {"reverse": reverse, "sort": sort, "shift": shift}
 
 
-def samples(task: str, count: int, seed: int, letters: str = LETTERS) -> list[Sample]:
+def samples(task: str, count: int, seed: int, letters: str) -> list[Sample]:
     """`count` samples of `task` over `letters`, the same for the same seed."""
     rng = random.Random(f"{task}:{seed}")
     return [TASKS[task](rng, letters) for _ in range(count)]
