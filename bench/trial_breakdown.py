@@ -5,8 +5,8 @@ saves anything. One trial = TIES of three experts onto SmolLM2-135M-Instruct (as
 makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each executor runs it:
 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
-- warm: in a process that has imported everything, as the local fork server's children do (the server
-  preloads vLLM too when the search's backend is vllm);
+- warm: as `mergesearch run` runs it: a child of the local executor's fork server, which has imported
+  what the backend's trials import and frozen that heap out of the garbage collector's reach;
 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
 local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
@@ -18,7 +18,6 @@ job is that a node downloads once). Reported: each phase's seconds and the fixed
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import random
 import subprocess
@@ -27,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from mergesearch_trial_runner.forkserver import PRELOAD
+from mergesearch_operator.executors.base import RunPhase
+from mergesearch_operator.executors.local import LocalExecutor
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
 
@@ -64,6 +64,19 @@ def ties_plan(root: Path) -> MergePlan:
             ],
         }
     )
+
+
+def run_warm(spec: TrialSpec, work_dir: Path) -> TrialResult:
+    """One run through the local executor, forked by its fork server (preloaded for the spec's backend).
+    The run's timings start in the child, so the server's own start is not in them."""
+    executor = LocalExecutor(work_dir, timeout_seconds=600, cache_dir=Path(spec.cache_dir), backend=spec.backend)
+    executor.start(spec)
+    while (status := executor.poll(spec.name)).phase == RunPhase.RUNNING:
+        time.sleep(0.2)
+    executor.close()
+    if status.result is None or not status.result.ok:
+        raise SystemExit(f"the warm {spec.backend} run failed: {status.reason}")
+    return status.result
 
 
 def main() -> None:
@@ -110,12 +123,7 @@ def main() -> None:
         cold_wall = time.perf_counter() - started
         cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
 
-        # warm: the imports are paid, as in the local fork server (which also preloads vLLM for a vllm search)
-        for module in (*PRELOAD, *(["vllm"] if backend == "vllm" else [])):
-            importlib.import_module(module)
-        from mergesearch_trial_runner.cli import run_trial
-
-        warm_result = run_trial(spec)
+        warm_result = run_warm(spec, scratch / f"{backend}-local")
         rows = {}
         for mode, result, wall in (("cold", cold_result, cold_wall), ("warm", warm_result, None)):
             timings = dict(result.timings)

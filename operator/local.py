@@ -92,8 +92,7 @@ class LocalSearch:
             self.work_dir,
             timeout_seconds=spec.trial.timeout_seconds,
             cache_dir=self.cache_dir,
-            # vLLM's import is most of a CPU engine's start (~8 of ~12 s): the fork server pays it once.
-            preload=("vllm",) if spec.trial.backend == "vllm" else (),
+            backend=spec.trial.backend,
         )
         return SearchController(
             name=self.name,

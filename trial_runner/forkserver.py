@@ -1,11 +1,12 @@
 """A warm process that forks one child per trial run, for running trials on one machine.
 
 Importing torch, transformers and the engine takes seconds, as long as a whole trial of a small model at
-the lowest fidelity. The fork server pays it once: it imports everything, then reads run directories
-from stdin, one per line, and forks a child for each that starts with the imports done. Each child is a
-run like any other: its own session (it outlives the server and the controller, and is killed as a
-group), its pid record in the run directory (so a restarted controller re-attaches to it), its log,
-its result file, its exit code (written by the server when it reaps the child).
+the lowest fidelity. The fork server pays it once: it imports everything the named backend's trials
+will import (`python -m mergesearch_trial_runner.forkserver vllm`; see `cli.warm_up`), then reads run
+directories from stdin, one per line, and forks a child for each that starts with the imports done.
+Each child is a run like any other: its own session (it outlives the server and the controller, and is
+killed as a group), its pid record in the run directory (so a restarted controller re-attaches to it),
+its log, its result file, its exit code (written by the server when it reaps the child).
 
 On a cluster each trial is its own pod and this is not used.
 """
@@ -19,14 +20,6 @@ import signal
 import sys
 import time
 from pathlib import Path
-
-PRELOAD = (
-    "torch",
-    "transformers",
-    "mergesearch_trial_runner.merge.engine",
-    "mergesearch_trial_runner.evaluate.hf_backend",
-    "mergesearch_trial_runner.store",
-)
 
 
 def process_start_time(pid: int) -> int | None:
@@ -67,11 +60,12 @@ def _child(run_dir: Path) -> None:
         os._exit(code)
 
 
-def serve(extra_preload: list[str]) -> None:
-    import importlib
+def serve(backends: list[str]) -> None:
+    from .cli import warm_up
 
-    for module in (*PRELOAD, *extra_preload):
-        importlib.import_module(module)
+    # Frozen, the preloaded heap is also shared with the children without being copied: a collection
+    # that skips an object does not write to its page.
+    warm_up(backends)
     children: dict[int, Path] = {}
 
     def reap(*_: object) -> None:

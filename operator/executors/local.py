@@ -55,7 +55,7 @@ class LocalExecutor(Executor):
         *,
         timeout_seconds: float,
         cache_dir: Path | None = None,
-        preload: tuple[str, ...] = (),
+        backend: str = "hf",
         env: dict[str, str] | None = None,
     ):
         self.runs_dir = Path(work_dir) / "runs"
@@ -63,7 +63,7 @@ class LocalExecutor(Executor):
         self.ledger = Path(work_dir) / "runs.log"
         self.cache_dir = Path(cache_dir or Path(work_dir) / "cache")
         self.timeout_seconds = timeout_seconds
-        self.preload = preload
+        self.backend = backend  # what the fork server preloads
         self.env = env
         self._server: subprocess.Popen[str] | None = None
 
@@ -73,7 +73,7 @@ class LocalExecutor(Executor):
     def _fork_server(self) -> subprocess.Popen[str]:
         if self._server is None or self._server.poll() is not None:
             self._server = subprocess.Popen(
-                [sys.executable, "-m", "mergesearch_trial_runner.forkserver", *self.preload],
+                [sys.executable, "-m", "mergesearch_trial_runner.forkserver", self.backend],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

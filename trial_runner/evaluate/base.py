@@ -87,6 +87,12 @@ class Evaluator(ABC):
         self.prompts = prompts
         self._closed = False
 
+    @classmethod
+    @abstractmethod
+    def preload(cls) -> None:
+        """Import what opening this evaluator imports lazily, so that a process forked afterwards (the
+        local fork server's trials) opens one without importing anything."""
+
     def evaluate(self, *, task: TaskSpec, samples: Sequence[Sample]) -> TaskCounts:
         return count(self.evaluate_samples(task=task, samples=samples))
 

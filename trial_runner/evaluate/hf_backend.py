@@ -68,6 +68,19 @@ def load_model(model: ModelSource, settings: HFSettings) -> tuple[torch.nn.Modul
 class HFEvaluator(Evaluator):
     name = "hf"
 
+    @classmethod
+    def preload(cls) -> None:
+        import importlib
+
+        # Loaded by transformers on first use: model loading, generation, the Llama family (the tiny
+        # test models' and SmolLM2's architecture; others are imported when a model needs them).
+        for module in (
+            "transformers.modeling_utils",
+            "transformers.generation.utils",
+            "transformers.models.llama.modeling_llama",
+        ):
+            importlib.import_module(module)
+
     def __init__(self, *, model: ModelSource, settings: HFSettings) -> None:
         self.settings = settings
         self.model, tokenizer, tokenizer_dir = load_model(model, settings)
