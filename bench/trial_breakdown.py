@@ -7,19 +7,25 @@ makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
 - warm: as `mergesearch run` runs it: a child of the local executor's fork server, which has imported
   what the backend's trials import and frozen that heap out of the garbage collector's reach;
+- imports only: forked from a process that imported torch, transformers and the backend's top module
+  and froze nothing, as the fork server did before (the alternative, measured in the same run);
 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
 local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
-job is that a node downloads once). Reported: each phase's seconds and the fixed share of the trial.
+job is that a node downloads once). Reported: each phase's seconds and the fixed share of the trial,
+medians over rounds in which the backends alternate.
 
-    python bench/trial_breakdown.py [--samples 100]
+    python bench/trial_breakdown.py [--samples 100] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,12 +85,33 @@ def run_warm(spec: TrialSpec, work_dir: Path) -> TrialResult:
     return status.result
 
 
+def run_forked(spec: TrialSpec) -> TrialResult:
+    """One run in a child forked from this process, which has imported torch, transformers and the
+    backend's top module only, with its heap left to the garbage collector: the fork server before
+    `cli.warmed_up`, the alternative the warm runs are compared with."""
+    from mergesearch_trial_runner.cli import run_trial
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        with os.fdopen(write_end, "w") as out:
+            out.write(run_trial(spec).model_dump_json())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as received:
+        text = received.read()
+    os.waitpid(pid, 0)
+    return TrialResult.model_validate_json(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--work-dir", default=".cache/bench/merge")
     parser.add_argument("--results", default="bench/results/trial_breakdown.json")
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
+    parser.add_argument("--rounds", type=int, default=3, help="each phase is reported as its median over rounds")
     args = parser.parse_args()
 
     root = Path(args.work_dir).absolute()
@@ -98,52 +125,74 @@ def main() -> None:
         "max_new_tokens": 64,
         "answer_pattern": r"(-?\d+)\D*$",  # the last number: the model restates the sum first
     }
-    results = {}
+    rounds: dict[str, dict[str, list[dict]]] = {b: {"cold": [], "warm": [], "imports_only": []} for b in args.backends}
+    # What the fork server imported before `cli.warmed_up`, for the imports-only runs forked from here.
+    for module in ("torch", "transformers", "mergesearch_trial_runner.merge.engine", "mergesearch_trial_runner.store"):
+        importlib.import_module(module)
     for backend in args.backends:
-        spec = TrialSpec(
-            name=f"breakdown-{backend}",
-            plan=ties_plan(root),
-            tasks=[task],
-            ranges={"arith": (0, args.samples)},
-            backend=backend,
-            engine_args=ENGINE[backend],
-            device="cpu",
-            cache_dir=str(scratch / "cache"),
-            scratch_dir=str(scratch / backend),
-        )
-        spec_file = scratch / f"{backend}.json"
-        spec_file.write_text(spec.model_dump_json())
-        started = time.perf_counter()
-        cold = subprocess.run(
-            [sys.executable, "-m", "mergesearch_trial_runner.cli", "run", str(spec_file)],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        cold_wall = time.perf_counter() - started
-        cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
-
-        warm_result = run_warm(spec, scratch / f"{backend}-local")
-        rows = {}
-        for mode, result, wall in (("cold", cold_result, cold_wall), ("warm", warm_result, None)):
-            timings = dict(result.timings)
-            total = wall if wall is not None else timings["total"]
-            if wall is not None:
-                timings["imports_and_startup"] = round(wall - timings["total"], 3)
-            fixed = total - timings["evaluate"]
-            rows[mode] = {
-                **timings,
-                "wall": round(total, 3),
-                "fixed_share": round(fixed / total, 3),
-                "generated_tokens": result.generated_tokens,
-                "accuracy": result.tasks["arith"].correct / args.samples,
-            }
-        results[backend] = rows
-        print(backend, json.dumps(rows, indent=1), flush=True)
+        importlib.import_module({"hf": "mergesearch_trial_runner.evaluate.hf_backend", "vllm": "vllm"}[backend])
+    for round_ in range(args.rounds):  # the backends alternate, so a slow spell of the machine hits both
+        for backend in args.backends:
+            spec = TrialSpec(
+                name=f"breakdown-{backend}-{round_}",
+                plan=ties_plan(root),
+                tasks=[task],
+                ranges={"arith": (0, args.samples)},
+                backend=backend,
+                engine_args=ENGINE[backend],
+                device="cpu",
+                cache_dir=str(scratch / "cache"),
+                scratch_dir=str(scratch / backend),
+            )
+            spec_file = scratch / f"{backend}.json"
+            spec_file.write_text(spec.model_dump_json())
+            started = time.perf_counter()
+            cold = subprocess.run(
+                [sys.executable, "-m", "mergesearch_trial_runner.cli", "run", str(spec_file)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            cold_wall = time.perf_counter() - started
+            cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
+            warm_result = run_warm(spec, scratch / f"{backend}-local")
+            imported_result = run_forked(spec)
+            for mode, result, wall in (
+                ("cold", cold_result, cold_wall),
+                ("warm", warm_result, None),
+                ("imports_only", imported_result, None),
+            ):
+                timings = dict(result.timings)
+                total = wall if wall is not None else timings["total"]
+                if wall is not None:
+                    timings["imports_and_startup"] = round(wall - timings["total"], 3)
+                fixed = total - timings["evaluate"]
+                rounds[backend][mode].append(
+                    {
+                        **timings,
+                        "wall": round(total, 3),
+                        "fixed_share": round(fixed / total, 3),
+                        "generated_tokens": result.generated_tokens,
+                        "accuracy": result.tasks["arith"].correct / args.samples,
+                    }
+                )
+            print(backend, round_, json.dumps({m: rows[-1] for m, rows in rounds[backend].items()}), flush=True)
+    results = {
+        backend: {
+            mode: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for mode, rows in by_mode.items()
+        }
+        for backend, by_mode in rounds.items()
+    }
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(
         json.dumps(
-            {"samples": args.samples, "plan": "TIES, 3 experts, SmolLM2-135M bf16", "backends": results}, indent=2
+            {
+                "samples": args.samples,
+                "plan": "TIES, 3 experts, SmolLM2-135M bf16",
+                "medians": results,
+                "rounds": rounds,
+            },
+            indent=2,
         )
     )
 

@@ -2,7 +2,7 @@
 
 Importing torch, transformers and the engine takes seconds, as long as a whole trial of a small model at
 the lowest fidelity. The fork server pays it once: it imports everything the named backend's trials
-will import (`python -m mergesearch_trial_runner.forkserver vllm`; see `cli.warm_up`), then reads run
+will import (`python -m mergesearch_trial_runner.forkserver vllm`; see `cli.warmed_up`), then reads run
 directories from stdin, one per line, and forks a child for each that starts with the imports done.
 Each child is a run like any other: its own session (it outlives the server and the controller, and is
 killed as a group), its pid record in the run directory (so a restarted controller re-attaches to it),
@@ -61,11 +61,16 @@ def _child(run_dir: Path) -> None:
 
 
 def serve(backends: list[str]) -> None:
-    from .cli import warm_up
+    from .cli import warmed_up
 
     # Frozen, the preloaded heap is also shared with the children without being copied: a collection
     # that skips an object does not write to its page.
-    warm_up(backends)
+    with warmed_up(backends):
+        _fork_runs()
+
+
+def _fork_runs() -> None:
+    """Fork a child for each run directory read from stdin; once stdin closes, wait for the children."""
     children: dict[int, Path] = {}
 
     def reap(*_: object) -> None:

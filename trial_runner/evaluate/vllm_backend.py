@@ -74,11 +74,13 @@ def _vllm_version() -> str:
     return str(vllm.__version__)
 
 
-# What starting an engine imports on first use, beyond `vllm` itself: the engine core, the in-process
-# executor, the device's worker and model runner, the model loader, the Llama family's model, the
-# scheduler and the tokenizer renderer (about 700 modules, 1.5 s on 2 cores). Other architectures are
-# imported when a model needs them.
+# What starting an engine imports on first use, beyond `vllm` itself: the LLM entry point and engine
+# core, the in-process executor, the device's worker and model runner (on CPU also the C++ stand-ins for
+# Triton kernels), the model loader, the Llama family's model, the scheduler and the tokenizer renderer
+# (about 700 modules, 1.5 s on 2 cores). Other architectures are imported when a model needs them.
 _ENGINE_MODULES = (
+    "vllm.entrypoints.llm",
+    "vllm.v1.engine.llm_engine",
     "vllm.v1.engine.core",
     "vllm.v1.executor.uniproc_executor",
     "vllm.v1.core.sched.scheduler",
@@ -87,7 +89,12 @@ _ENGINE_MODULES = (
     "vllm.renderers.hf",
 )
 _DEVICE_MODULES = {
-    "cpu": ("vllm.v1.worker.cpu_worker", "vllm.v1.worker.cpu_model_runner", "vllm.v1.attention.backends.cpu_attn"),
+    "cpu": (
+        "vllm.v1.worker.cpu_worker",
+        "vllm.v1.worker.cpu_model_runner",
+        "vllm.v1.attention.backends.cpu_attn",
+        "vllm.utils.cpu_triton_utils",
+    ),
     "cuda": ("vllm.v1.worker.gpu_worker", "vllm.v1.worker.gpu_model_runner"),
 }
 
