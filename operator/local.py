@@ -93,6 +93,7 @@ class LocalSearch:
             timeout_seconds=spec.trial.timeout_seconds,
             cache_dir=self.cache_dir,
             backend=spec.trial.backend,
+            parallel_runs=spec.budget.parallel_trials,
         )
         return SearchController(
             name=self.name,

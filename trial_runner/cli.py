@@ -103,6 +103,10 @@ def run_trial(spec: TrialSpec) -> TrialResult:
         return now
 
     settings = validate_settings(spec.backend, spec.engine_args)
+    if spec.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.cpu_threads)
     store = ModelStore(spec.cache_dir)
     used = {m for s in spec.plan.slices for m in s.models()} | {spec.plan.config_model}
     model_dirs = {name: store.fetch_model(uri) for name, uri in spec.plan.models.items() if name in used}

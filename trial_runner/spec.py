@@ -40,6 +40,9 @@ class TrialSpec(BaseModel):
     backend: Literal["hf", "vllm"] = "hf"
     engine_args: dict[str, Any] = Field(default_factory=dict)
     device: str = Field(default="auto", description="cpu, cuda, or auto (cuda when available)")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="torch's CPU threads for the merge and hf evaluation; default: every core"
+    )
     cache_dir: str = Field(default="/var/cache/mergesearch", description="the node's shared weight cache")
     scratch_dir: str = Field(default="/tmp/mergesearch", description="where a merged model is written")
     output_uri: str | None = Field(default=None, description="upload the merged model (and plan, scores) here")

@@ -13,37 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import EXIT_OK, TrialResult, TrialSpec
 
 
 @pytest.mark.slow
-def test_a_fresh_trial_process_reports_its_counts_and_exits_quietly(world, tmp_path: Path) -> None:
-    layers = [0, 4]
-    plan = MergePlan.model_validate(
-        {
-            "models": {"base": str(world.model("base")), "reverse": str(world.model("reverse"))},
-            "base_model": "base",
-            "slices": [
-                {
-                    "method": "task_arithmetic",
-                    "base": {"model": "base", "layers": layers},
-                    "sources": [{"model": "reverse", "layers": layers, "params": {"weight": 1.0}}],
-                }
-            ],
-        }
-    )
-    spec = TrialSpec(
-        name="fresh",
-        plan=plan,
-        tasks=[{"name": "reverse", "data": str(world.split("reverse", "search")), "max_new_tokens": 8}],
-        ranges={"reverse": (0, 12)},
-        backend="hf",
-        engine_args={"device": "cpu"},
-        cache_dir=str(tmp_path / "cache"),
-        scratch_dir=str(tmp_path / "scratch"),
-        result_file=str(tmp_path / "result.json"),
-    )
+def test_a_fresh_trial_process_reports_its_counts_and_exits_quietly(trial_spec: TrialSpec, tmp_path: Path) -> None:
+    spec = trial_spec.model_copy(update={"cpu_threads": 1})
     (tmp_path / "spec.json").write_text(spec.model_dump_json())
 
     run = subprocess.run(
