@@ -34,6 +34,7 @@ from pathlib import Path
 
 from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
+from mergesearch_trial_runner.cli import PRELOAD
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
 
@@ -127,7 +128,7 @@ def main() -> None:
     }
     rounds: dict[str, dict[str, list[dict]]] = {b: {"cold": [], "warm": [], "imports_only": []} for b in args.backends}
     # What the fork server imported before `cli.warmed_up`, for the imports-only runs forked from here.
-    for module in ("torch", "transformers", "mergesearch_trial_runner.merge.engine", "mergesearch_trial_runner.store"):
+    for module in PRELOAD:
         importlib.import_module(module)
     for backend in args.backends:
         importlib.import_module({"hf": "mergesearch_trial_runner.evaluate.hf_backend", "vllm": "vllm"}[backend])
