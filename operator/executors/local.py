@@ -67,7 +67,7 @@ class LocalExecutor(Executor):
         self.backend = backend  # what the fork server preloads
         # Each run's torch would use every core: parallel runs then oversubscribe the machine, and
         # OpenMP threads that wait for each other spin. On 2 cores, 2 runs with 2 threads each took the
-        # quickstart search 17x as long as with 1 thread each. The cores are shared out instead.
+        # quickstart search 498 s against 30 s with 1 thread each. The cores are shared out instead.
         self.cpu_threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
         self.env = env
         self._server: subprocess.Popen[str] | None = None

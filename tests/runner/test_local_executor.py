@@ -1,7 +1,7 @@
 """The local executor shares the machine's cores out among its parallel runs.
 
 Each run's torch would otherwise use every core, and parallel runs would oversubscribe the machine
-(on 2 cores the quickstart search took 17x as long).
+(on 2 cores the quickstart search took 498 s instead of 30 s).
 """
 
 from __future__ import annotations
