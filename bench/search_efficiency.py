@@ -11,7 +11,7 @@ at full fidelity (what the searches optimise; every incumbent's score is on all 
 Also reported: the final best of each search against each expert alone, uniform task arithmetic and
 TIES on the held-out split.
 
-    python bench/search_efficiency.py [--seeds 0 1 2] [--full-trials 24] [--summarize-only]
+    python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--full-trials 24] [--summarize-only]
 
 Finished searches are kept in the results file and not run again (delete it to start over).
 """
@@ -43,7 +43,10 @@ TASKS = ("reverse", "sort", "shift")
 # keeps seeing a fifth of the other tasks, so task vectors add up better and a searched merge can beat
 # every merge of the initial design. The test split is larger, so that held-out scores are worth comparing.
 WORLD = WorldSettings(task_letters=("abcdefgh", "ijklmnop", "qrstuvwx"), expert_replay=0.2, test_samples=500)
-MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 180, 3
+# A 27x range: four rungs (20, 60, 180, 540 samples per task). At 20 -> 180 (three rungs) multi-fidelity
+# screened 1.8x as many candidates as full fidelity at the same budget, here 2.1x; the top rung's score
+# has 0.58x the standard error (1/sqrt 3).
+MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 BASELINE_LABELS = [f"expert:{t}" for t in TASKS] + ["task_arithmetic", "ties"]
 STRATEGIES = {
     "multi-fidelity": {"sampler": "tpe", "multiFidelity": True},
@@ -92,7 +95,7 @@ def incumbents(study: optuna.Study, top_rung: int) -> list[tuple[int, int, float
     """(samples used when it became the incumbent, trial number, search score) in time order."""
     events = []  # (time, samples of this result, trial, score or None)
     for trial in study.trials:
-        for rung in range(3):
+        for rung in range(top_rung + 1):
             result = trial.user_attrs.get(result_key(rung))
             if result is None:
                 continue
@@ -129,7 +132,7 @@ def held_out(plan, spec, name: str, cache: dict[str, float], work: Path) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--full-trials", type=int, default=24, help="the sample budget, in full-fidelity trials")
     parser.add_argument("--work-dir", default=".cache/bench/search")
     parser.add_argument("--results", default="bench/results/search_efficiency.json")
@@ -138,8 +141,8 @@ def main() -> None:
     args = parser.parse_args()
     results = Path(args.results)
     budget = args.full_trials * MAX_SAMPLES * len(TASKS)
-    # Each finished search is saved at once and skipped when the benchmark is run again: a whole run
-    # takes more than an hour on 2 cores, and seeds can be added one at a time.
+    # Each finished search is saved at once and skipped when the benchmark is run again: a seed takes
+    # about 3 minutes on 2 cores, and seeds can be added one at a time.
     runs: dict[str, dict[int, Any]] = {s: {} for s in STRATEGIES}
     if results.exists() and (saved := json.loads(results.read_text())).get("budget_samples") == budget:
         runs |= {s: {int(seed): run for seed, run in by_seed.items()} for s, by_seed in saved["runs"].items()}
@@ -272,17 +275,24 @@ def plot(runs, seeds, budget, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(seeds), figsize=(5 * len(seeds), 4), sharey=True)
-    for axis, seed in zip(axes if len(seeds) > 1 else [axes], seeds, strict=True):
+    columns = min(3, len(seeds))
+    rows = math.ceil(len(seeds) / columns)
+    fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), sharey=True, squeeze=False)
+    axes = list(grid.flat)
+    for axis in axes[len(seeds) :]:
+        axis.set_visible(False)
+    for axis, seed in zip(axes, seeds, strict=False):
         for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:gray"), strict=True):
             history = runs[strategy][seed]["history"]
-            xs = [used for used, *_ in history] + [budget]
+            xs = [used for used, *_ in history]
+            xs.append(max([budget, *xs]))  # the runs in flight when the budget ran out finish past it
             ys = [score for *_, score in history] + ([history[-1][3]] if history else [])
             axis.step(xs, ys, where="post", label=strategy, color=color)
         axis.set_title(f"seed {seed}")
         axis.set_xlabel("samples evaluated")
-    (axes[0] if len(seeds) > 1 else axes).set_ylabel("held-out accuracy of the incumbent")
-    (axes[0] if len(seeds) > 1 else axes).legend()
+    for row in grid:
+        row[0].set_ylabel("held-out accuracy of the incumbent")
+    axes[0].legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -6,9 +6,11 @@ makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each 
 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
 - warm: as `mergesearch run` runs it: a child of the local executor's fork server, which has imported
-  what the backend's trials import and frozen that heap out of the garbage collector's reach;
+  what the backend's trials import and frozen that heap out of the garbage collector's reach, timed
+  over the child's whole life (it exits right after its report, without closing its evaluator);
 - imports only: forked from a process that imported torch, transformers and the backend's top module
-  and froze nothing, as the fork server did before (the alternative, measured in the same run);
+  and froze nothing, and closing its evaluator before it reports, as the fork server's children did
+  before (the alternative, measured in the same run);
 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
 local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
@@ -73,17 +75,23 @@ def ties_plan(root: Path) -> MergePlan:
     )
 
 
-def run_warm(spec: TrialSpec, work_dir: Path) -> TrialResult:
-    """One run through the local executor, forked by its fork server (preloaded for the spec's backend).
-    The run's timings start in the child, so the server's own start is not in them."""
+def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
+    """One run through the local executor, forked by its fork server (preloaded for the spec's backend),
+    and the child's whole life: from its start (its pid record) to its exit (the exit code the server
+    writes when it reaps it), so that whatever the child does after its report counts too. The
+    server's own start is not in it."""
     executor = LocalExecutor(work_dir, timeout_seconds=600, cache_dir=Path(spec.cache_dir), backend=spec.backend)
     executor.start(spec)
     while (status := executor.poll(spec.name)).phase == RunPhase.RUNNING:
         time.sleep(0.2)
+    run_dir = executor.runs_dir / spec.name
+    while not (run_dir / "exit_code").exists():
+        time.sleep(0.05)
     executor.close()
     if status.result is None or not status.result.ok:
         raise SystemExit(f"the warm {spec.backend} run failed: {status.reason}")
-    return status.result
+    started = json.loads((run_dir / "pid").read_text())["started"]
+    return status.result, (run_dir / "exit_code").stat().st_mtime - started
 
 
 def run_forked(spec: TrialSpec) -> TrialResult:
@@ -156,16 +164,16 @@ def main() -> None:
             )
             cold_wall = time.perf_counter() - started
             cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
-            warm_result = run_warm(spec, scratch / f"{backend}-local")
+            warm_result, warm_wall = run_warm(spec, scratch / f"{backend}-local")
             imported_result = run_forked(spec)
             for mode, result, wall in (
                 ("cold", cold_result, cold_wall),
-                ("warm", warm_result, None),
+                ("warm", warm_result, warm_wall),
                 ("imports_only", imported_result, None),
             ):
                 timings = dict(result.timings)
                 total = wall if wall is not None else timings["total"]
-                if wall is not None:
+                if mode == "cold":
                     timings["imports_and_startup"] = round(wall - timings["total"], 3)
                 fixed = total - timings["evaluate"]
                 rounds[backend][mode].append(

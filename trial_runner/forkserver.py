@@ -41,7 +41,6 @@ def write_json(path: Path, data: dict) -> None:
 
 def _child(run_dir: Path) -> None:
     """Run one trial in the forked child; never returns (an exception must not reach the server's loop)."""
-    code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         os.setsid()
@@ -52,12 +51,12 @@ def _child(run_dir: Path) -> None:
         write_json(run_dir / "pid", {"pid": pid, "start_time": process_start_time(pid), "started": time.time()})
         from .cli import main
 
-        code = main(["run", str(run_dir / "spec.json")])
-    finally:
+        main(["run", str(run_dir / "spec.json")])  # exits the child itself once it has reported
+    finally:  # only what escapes main (argparse's SystemExit, an interrupt) gets here
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        os._exit(code)
+        os._exit(1)
 
 
 def serve(backends: list[str]) -> None:

@@ -17,6 +17,15 @@ from mergesearch_trial_runner.tasks import Sample, TaskSpec
 from mergesearch_trial_runner.testbed.models import char_tokenizer
 
 BOS, EOS = 1, 2
+# SmolLM2-135M's shape: 30 layers, 3 KV heads of 64, bf16, 8k context; 23,040 bytes of KV per token.
+CONFIG = {
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "hidden_size": 576,
+    "max_position_embeddings": 8192,
+    "dtype": "bfloat16",
+}
 CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}[assistant]"
 
 
@@ -103,14 +112,14 @@ def test_unknown_or_bad_settings_name_the_field():
 
 def test_vllm_settings_resolve_to_explicit_engine_arguments_per_device():
     settings = VLLMSettings(max_model_len=2048, engine_args={"swap_space": 0})
-    cpu = settings.resolve("cpu")
+    cpu = settings.resolve("cpu", CONFIG)
     assert cpu.engine_args["max_model_len"] == 2048 and cpu.engine_args["swap_space"] == 0
-    assert cpu.engine_args["kv_cache_memory_bytes"] == int(CPU_DEFAULTS["kv_cache_gib"] * 2**30)
-    assert "kv_cache_gib" not in cpu.engine_args and "cpu_omp_threads_bind" not in cpu.engine_args
-    gpu = settings.resolve("cuda")
+    assert cpu.engine_args["kv_cache_memory_bytes"] == CPU_DEFAULTS["kv_cache_tokens"] * 23_040
+    assert "kv_cache_tokens" not in cpu.engine_args and "cpu_omp_threads_bind" not in cpu.engine_args
+    gpu = settings.resolve("cuda", CONFIG)
     assert "kv_cache_memory_bytes" not in gpu.engine_args and gpu.env == {}
     assert gpu.engine_args["enforce_eager"] is False
-    explicit = VLLMSettings(enforce_eager=True, cpu_omp_threads_bind="0-1", cpu_reserved_cores=0).resolve("cpu")
+    explicit = VLLMSettings(enforce_eager=True, cpu_omp_threads_bind="0-1", cpu_reserved_cores=0).resolve("cpu", CONFIG)
     assert explicit.engine_args["enforce_eager"] is True
     assert explicit.env == {
         "VLLM_CPU_OMP_THREADS_BIND": "0-1",
@@ -118,19 +127,36 @@ def test_vllm_settings_resolve_to_explicit_engine_arguments_per_device():
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     with pytest.raises(ValueError, match="apply to vLLM on CPU only"):
-        VLLMSettings(cpu_reserved_cores=0).resolve("cuda")
+        VLLMSettings(cpu_reserved_cores=0).resolve("cuda", CONFIG)
 
 
 def test_vllm_runs_in_process_on_cpu_unless_tensor_parallel():
-    cpu = VLLMSettings().resolve("cpu")
+    cpu = VLLMSettings().resolve("cpu", CONFIG)
     assert cpu.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert cpu.engine_args["distributed_executor_backend"] == "uni" and "in_process" not in cpu.engine_args
-    parallel = VLLMSettings(tensor_parallel_size=2).resolve("cpu")
+    parallel = VLLMSettings(tensor_parallel_size=2).resolve("cpu", CONFIG)
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in parallel.env
     assert "distributed_executor_backend" not in parallel.engine_args
-    assert "distributed_executor_backend" not in VLLMSettings().resolve("cuda").engine_args
-    assert VLLMSettings(in_process=True).resolve("cuda").engine_args["distributed_executor_backend"] == "uni"
+    assert "distributed_executor_backend" not in VLLMSettings().resolve("cuda", CONFIG).engine_args
+    assert VLLMSettings(in_process=True).resolve("cuda", CONFIG).engine_args["distributed_executor_backend"] == "uni"
     with pytest.raises(ValueError, match="in_process needs tensor_parallel_size 1"):
-        VLLMSettings(in_process=True, tensor_parallel_size=2).resolve("cpu")
+        VLLMSettings(in_process=True, tensor_parallel_size=2).resolve("cpu", CONFIG)
     with pytest.raises(ValueError, match=r"engine_args repeats \['distributed_executor_backend'\]"):
         VLLMSettings(engine_args={"distributed_executor_backend": "mp"})
+
+
+def test_the_kv_cache_is_sized_in_tokens_of_the_model_or_in_gib():
+    def kv_bytes(**settings):
+        return VLLMSettings(**settings).resolve("cpu", CONFIG).engine_args["kv_cache_memory_bytes"]
+
+    assert kv_bytes(kv_cache_tokens=10_000) == 10_000 * 23_040
+    assert kv_bytes(kv_cache_tokens=100) == 8192 * 23_040  # never less than one sequence of the full context
+    assert kv_bytes(kv_cache_tokens=100, max_model_len=512) == 512 * 23_040
+    assert kv_bytes(kv_cache_tokens=100, max_model_len=512, dtype="float32") == 512 * 46_080
+    no_kv_heads = {k: v for k, v in CONFIG.items() if k != "num_key_value_heads"}  # one KV head per query head
+    assert VLLMSettings().resolve("cpu", no_kv_heads).engine_args["kv_cache_memory_bytes"] == 32768 * 69_120
+    assert kv_bytes(kv_cache_gib=1.5) == int(1.5 * 2**30)  # the spec's GiB replace the default's tokens
+    with pytest.raises(ValueError, match="kv_cache_gib or kv_cache_tokens, not both"):
+        VLLMSettings(kv_cache_gib=1, kv_cache_tokens=1000)
+    with pytest.raises(ValueError, match=r"kv_cache_tokens: config.json has no 'num_hidden_layers'.*kv_cache_gib"):
+        VLLMSettings().resolve("cpu", {"dtype": "bfloat16"})

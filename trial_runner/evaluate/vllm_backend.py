@@ -14,7 +14,7 @@ prompt + choice, one token decoded and ignored.
 
 The engine starts worker processes (spawned on CPU), so a program that creates this evaluator needs
 an `if __name__ == "__main__":` guard. Engine arguments and environment come from
-`VLLMSettings.resolve(device)`; see `settings` for the CPU and GPU defaults and why. The environment
+`VLLMSettings.resolve(device, config)`; see `settings` for the CPU and GPU defaults and why. The environment
 (OpenMP binding on CPU) is set only while the engine starts, and inherited by its processes; what
 vLLM itself writes into the caller's environment then is undone (`_engine_environment`).
 """
@@ -121,7 +121,7 @@ class VLLMEvaluator(Evaluator):
         self.settings = settings
         self.device = current_device()
         model_config = json.loads((path / "config.json").read_text())
-        self.launch: EngineLaunch = settings.resolve(self.device, model_config=model_config)
+        self.launch: EngineLaunch = settings.resolve(self.device, model_config)
         check_engine_args(self.launch.engine_args)
 
         from vllm import LLM

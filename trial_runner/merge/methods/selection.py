@@ -5,7 +5,9 @@ non-negative float32's bit pattern orders like its value, so a radix selection f
 largest in two passes: a 65,536-bin histogram of the top 16 bits names the bin that holds it, and a
 histogram of the low 16 bits of that bin's entries names the entry. Memory: the histograms and one
 chunk, whatever the tensor's size. It is also faster than a partition of the whole tensor (or of the
-boundary bin's entries), which is why one-chunk tensors use it too.
+boundary bin's entries), which is why one-chunk tensors use it too, except small ones: below
+`PARTITION_BELOW` entries, a partition (`torch.kthvalue`) costs less than the histograms' set-up.
+A tensor that fits one chunk is read once and its values kept for the second pass.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 BINS = 1 << 16
+PARTITION_BELOW = 1 << 15
 
 
 def _bits(magnitude: torch.Tensor) -> torch.Tensor:
@@ -32,8 +35,28 @@ def _bin_from_top(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
 def kth_largest_magnitudes(passes: Callable[[], Iterator[Sequence[torch.Tensor]]], ranks: Sequence[int]) -> list[float]:
     """For each i, the `ranks[i]`-th largest value (1-based) among every chunk's `values[i]` (non-negative).
 
-    `passes()` yields, per chunk, one non-negative float32 tensor per selection; it is called twice.
+    `passes()` yields, per chunk, one non-negative float32 tensor per selection; it is called at most twice.
     """
+    first = _only_chunk(passes)
+    if first is None:
+        return _radix_select(passes, ranks)
+    small = [i for i, values in enumerate(first) if values.numel() < PARTITION_BELOW]
+    found = {i: float(torch.kthvalue(first[i].reshape(-1), first[i].numel() - ranks[i] + 1).values) for i in small}
+    large = [i for i in range(len(ranks)) if i not in found]
+    if large:
+        selected = _radix_select(lambda: iter([[first[i] for i in large]]), [ranks[i] for i in large])
+        found |= dict(zip(large, selected, strict=True))
+    return [found[i] for i in range(len(ranks))]
+
+
+def _only_chunk(passes: Callable[[], Iterator[Sequence[torch.Tensor]]]) -> Sequence[torch.Tensor] | None:
+    """The values of the only chunk, or None when there are several (then none of them stays in memory)."""
+    chunks = passes()
+    first = next(chunks)
+    return first if next(chunks, None) is None else None
+
+
+def _radix_select(passes: Callable[[], Iterator[Sequence[torch.Tensor]]], ranks: Sequence[int]) -> list[float]:
     count = len(ranks)
     high = [torch.zeros(BINS, dtype=torch.int64) for _ in range(count)]
     for values in passes():
