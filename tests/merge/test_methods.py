@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mergesearch_trial_runner.merge.engine import merge_tensors
+from mergesearch_trial_runner.merge.engine import chunk_seed, merge_tensors
 from mergesearch_trial_runner.merge.methods import KERNELS
 from mergesearch_trial_runner.merge.methods.selection import PARTITION_BELOW, kth_largest_magnitudes
 from mergesearch_trial_runner.plan.methods import METHODS
@@ -232,3 +232,17 @@ def test_ties_equals_the_plain_boolean_mask_formulation_bit_for_bit(values):
         per_source=[{"weight": w, "density": 0.4} for w in weights],
     )
     assert torch.equal(merged, reference_ties(base, sources, weights, 0.4))
+
+
+def test_dare_keeps_exactly_the_entries_whose_seeded_draw_is_below_the_density():
+    """The drop mask is arithmetic (for speed); it must keep what `draw < density` keeps, draw for draw."""
+    result = merge(
+        "dare_linear",
+        [[1.0] * 5000],
+        base=[0.0] * 5000,
+        per_source=[{"weight": 1.0, "density": 0.3}],
+        shared={"rescale": False},
+        seed=11,
+    )
+    draws = torch.rand(5000, generator=torch.Generator().manual_seed(chunk_seed(11, 0)))
+    assert torch.equal(result != 0, draws < 0.3)

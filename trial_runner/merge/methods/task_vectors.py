@@ -60,7 +60,9 @@ def merge_task_vectors(
         if drop is not None:
             density = params.source(i, "density")
             if density < 1:
-                delta.mul_(torch.rand(delta.shape, generator=drop, device=delta.device) < density)
+                # 1 where the draw is below the density, else 0 (an arithmetic mask, see below)
+                draws = torch.rand(delta.shape, generator=drop, device=delta.device)
+                delta.mul_(torch.nn.functional.threshold(draws.neg_().add_(density), 0.0, 0.0).sign_())
                 if params.shared["rescale"] and density > 0:
                     delta.div_(density)
         delta.mul_(weights[i])
