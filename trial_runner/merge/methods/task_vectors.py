@@ -73,8 +73,8 @@ def merge_task_vectors(
         # agree. With m = +-1 the elected sign, the agreeing mass is m * sum_i max(m * delta_i, 0).
         # Arithmetic masks: every mask in this function is built from copysign, threshold and sign,
         # never from a comparison. On CPU a comparison, or a multiply by the boolean tensor it makes,
-        # costs 10-30x a float op, and such masks were a third of a TIES merge; the results are the
-        # same bit for bit (tests/merge/test_methods.py).
+        # costs 10-30x a float op. The results are the same bit for bit (tests/merge/test_methods.py);
+        # what it saved is in the README (Merging).
         elected = torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), deltas.sum(dim=0))
         agreeing = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
