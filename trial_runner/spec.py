@@ -41,7 +41,10 @@ class TrialSpec(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict)
     device: str = Field(default="auto", description="cpu, cuda, or auto (cuda when available)")
     cpu_threads: int | None = Field(
-        default=None, ge=1, description="torch's CPU threads for the merge and hf evaluation; default: every core"
+        default=None,
+        ge=1,
+        description="torch's CPU threads for the merge and hf evaluation; default: the container's CPU quota, "
+        "else every core",
     )
     cache_dir: str = Field(default="/var/cache/mergesearch", description="the node's shared weight cache")
     scratch_dir: str = Field(default="/tmp/mergesearch", description="where a merged model is written")
