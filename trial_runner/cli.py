@@ -27,6 +27,7 @@ from typing import NoReturn
 from pydantic import ValidationError
 
 from .checkpoint import CheckpointError
+from .cores import cpu_quota_cores
 from .plan.export import to_mergekit_yaml
 from .plan.tensors import PlanError
 from .spec import (
@@ -53,24 +54,6 @@ def _device(requested: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def cpu_quota_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int | None:
-    """Whole cores the container's CPU quota allows (cgroup v2 `cpu.max`, or v1's CFS files), at least 1;
-    None without a quota. torch sizes its thread pool by the node's cores, not the pod's CPU limit: 64
-    threads in a 4-core pod spin waiting for each other (locally, oversubscription made a search 16x
-    slower; see the local executor)."""
-    try:
-        if (v2 := cgroup / "cpu.max").exists():
-            quota, period = v2.read_text().split()[:2]
-        else:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-    except (OSError, ValueError):
-        return None
-    if quota in ("max", "-1"):
-        return None
-    return max(1, int(quota) // int(period))
 
 
 def load_samples(store: ModelStore, task: TaskSpec, spec: TrialSpec) -> list[Sample]:

@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from mergesearch_trial_runner.cores import usable_cores
 from mergesearch_trial_runner.forkserver import process_start_time, write_json
 from mergesearch_trial_runner.spec import EXIT_USER_ERROR, TrialResult, TrialSpec
 
@@ -68,7 +69,7 @@ class LocalExecutor(Executor):
         # Each run's torch would use every core: parallel runs then oversubscribe the machine, and
         # OpenMP threads that wait for each other spin. On 2 cores, 2 runs with 2 threads each took the
         # quickstart search 498 s against 30 s with 1 thread each. The cores are shared out instead.
-        self.cpu_threads = max(1, len(os.sched_getaffinity(0)) // parallel_runs)
+        self.cpu_threads = max(1, usable_cores() // parallel_runs)
         self.env = env
         self._server: subprocess.Popen[str] | None = None
 

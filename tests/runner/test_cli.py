@@ -1,5 +1,4 @@
-"""`mergesearch-trial run` as a trial pod runs it: a fresh process, its report, and a quiet exit; and
-the thread count it takes from the container's CPU quota.
+"""`mergesearch-trial run` as a trial pod runs it: a fresh process, its report, and a quiet exit.
 
 The process imports its backend and freezes that heap out of the garbage collector's reach before the
 trial (`cli.warmed_up`), and leaves without finalizing the interpreter once it has reported. An exit
@@ -15,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from mergesearch_trial_runner.cli import cpu_quota_cores
 from mergesearch_trial_runner.spec import EXIT_OK, TrialResult, TrialSpec
 
 
@@ -36,24 +34,3 @@ def test_a_fresh_trial_process_reports_its_counts_and_exits_quietly(trial_spec: 
     assert result.ok and result.tasks["reverse"].evaluated == 12
     assert result.tasks["reverse"].correct > 6  # the reverse expert alone, on its own task
     assert "leaked" not in run.stderr, run.stderr[-3000:]
-
-
-@pytest.mark.parametrize(
-    ("files", "cores"),
-    [
-        ({"cpu.max": "400000 100000\n"}, 4),  # cgroup v2, a 4-CPU limit
-        ({"cpu.max": "250000 100000\n"}, 2),  # 2.5 CPUs: whole cores, rounded down
-        ({"cpu.max": "50000 100000\n"}, 1),  # 500m: never fewer than one thread
-        ({"cpu.max": "max 100000\n"}, None),  # no limit
-        ({"cpu/cpu.cfs_quota_us": "800000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 8),  # cgroup v1
-        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
-        ({}, None),  # no cgroup files at all
-    ],
-)
-def test_the_thread_count_follows_the_containers_cpu_quota(
-    tmp_path: Path, files: dict[str, str], cores: int | None
-) -> None:
-    for name, text in files.items():
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text(text)
-    assert cpu_quota_cores(tmp_path) == cores
