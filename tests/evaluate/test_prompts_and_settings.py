@@ -119,15 +119,20 @@ def test_vllm_settings_resolve_to_explicit_engine_arguments_per_device():
     gpu = settings.resolve("cuda", CONFIG)
     assert "kv_cache_memory_bytes" not in gpu.engine_args and gpu.env == {}
     assert gpu.engine_args["enforce_eager"] is False
-    explicit = VLLMSettings(enforce_eager=True, cpu_omp_threads_bind="0-1", cpu_reserved_cores=0).resolve("cpu", CONFIG)
-    assert explicit.engine_args["enforce_eager"] is True
-    assert explicit.env == {
-        "VLLM_CPU_OMP_THREADS_BIND": "0-1",
+    assert cpu.env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}  # in-process: vLLM binds no threads
+    spawned = VLLMSettings(
+        enforce_eager=True, in_process=False, cpu_omp_threads_bind="0-1", cpu_reserved_cores=0
+    ).resolve("cpu", CONFIG)
+    assert spawned.engine_args["enforce_eager"] is True
+    assert spawned.env == {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert VLLMSettings(in_process=False).resolve("cpu", CONFIG).env == {
+        "VLLM_CPU_OMP_THREADS_BIND": "auto",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     with pytest.raises(ValueError, match="apply to vLLM on CPU only"):
         VLLMSettings(cpu_reserved_cores=0).resolve("cuda", CONFIG)
+    with pytest.raises(ValueError, match=r"\['cpu_omp_threads_bind'\] bind the threads of vLLM's worker process"):
+        VLLMSettings(cpu_omp_threads_bind="0-1").resolve("cpu", CONFIG)
 
 
 def test_vllm_runs_in_process_on_cpu_unless_tensor_parallel():

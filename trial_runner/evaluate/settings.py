@@ -21,15 +21,17 @@ prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.jso
   2 GiB against 1.7-1.8 s with 0.5 GiB, 3 alternating runs each). 32,768 tokens are 0.7 GiB for
   SmolLM2-135M and 4 GiB (vLLM's own CPU default) for an 8B Llama with 8 KV heads. `kv_cache_gib`
   sets the size in GiB instead.
-- Threads (`cpu_omp_threads_bind`, `cpu_reserved_cores`: vLLM's VLLM_CPU_OMP_THREADS_BIND and
-  VLLM_CPU_NUM_OF_RESERVED_CPU): vLLM binds its worker's OpenMP threads to cores and by default keeps one
-  core per worker for the engine's scheduler process. On 2 cores that leaves the model 1 core. Reserving
-  none (both cores for the model, the scheduler shares them) is the largest win measured: about 1.7x
-  (about 620 against 360 generated tokens/s on a quiet machine). Its cost: the two bound threads wait
-  for each other, so when another process takes a core they stall (a busy machine measured as low as
-  230 tokens/s), where the 1-core default keeps its 350 by leaving the other core to everyone else.
-  `nobind` (unbound threads) is slower than binding. On a machine with many cores, vLLM's reservation
-  of one costs little and may be the better choice (`cpu_reserved_cores: 1`; not measured here).
+- Threads: with the engine in the trial's process (`in_process`, the CPU default, below), vLLM binds
+  nothing: the model runs on torch's threads, which the trial sets from its spec's `cpu_threads` (the
+  local executor shares the cores out among parallel runs; a pod takes its CPU quota). With the engine's
+  worker in a process of its own (`in_process: false`), vLLM binds that worker's OpenMP threads to cores
+  (`cpu_omp_threads_bind`, `cpu_reserved_cores`: VLLM_CPU_OMP_THREADS_BIND and
+  VLLM_CPU_NUM_OF_RESERVED_CPU) and by default keeps one core per worker for the engine's scheduler
+  process; on 2 cores that left the model 1 core. Reserving none (both cores for the model) was about
+  1.7x (about 620 against 360 generated tokens/s on a quiet machine), though the two bound threads
+  stall when another process takes a core (as low as 230 tokens/s). `nobind` was slower than binding.
+  These two settings do nothing in-process (vLLM 0.32 binds only in its multiprocess executor), so
+  setting them with `in_process` on is an error.
 - Compilation: `enforce_eager: false` traces the model with Dynamo and compiles it with Inductor (C++
   kernels) at engine start: about 10% more tokens/s (about 680 against 620 on 2 cores), but the engine
   starts in ~75 s instead of ~25 s, which pays off only after ~300k generated tokens, far more than a
@@ -46,9 +48,9 @@ prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.jso
   start, ~19 s were those two spawns (from `bench/trial_breakdown.py`'s logs). `in_process: true`
   (VLLM_ENABLE_V1_MULTIPROCESSING=0 and the `uni` executor) keeps both in the trial's process: the
   engine starts in ~4 s once vLLM is imported (in ~12 s with the import), and shuts down in ~1.5 s
-  instead of ~5. The CPU default where `tensor_parallel_size` is 1. It binds the calling process's
-  OpenMP threads to cores, so it suits a process that exists to evaluate (a trial, a job); tests run
-  such engines in a child process (`python -m mergesearch_trial_runner.evaluate`).
+  instead of ~5. The CPU default where `tensor_parallel_size` is 1. vLLM replaces the process's
+  `torch.set_num_threads` (later calls are ignored), so it suits a process that exists to evaluate (a
+  trial, a job); tests run such engines in a child process (`python -m mergesearch_trial_runner.evaluate`).
 
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
 dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
@@ -156,10 +158,6 @@ class VLLMSettings(BaseModel):
             defaults = {k: v for k, v in defaults.items() if k != "kv_cache_tokens"}
         merged = {**defaults, **values}
         env = {}
-        if (bind := merged.pop("cpu_omp_threads_bind", None)) is not None:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        if (reserved := merged.pop("cpu_reserved_cores", None)) is not None:
-            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         if (gib := merged.pop("kv_cache_gib", None)) is not None:
             merged["kv_cache_memory_bytes"] = int(gib * (1 << 30))
         if (tokens := merged.pop("kv_cache_tokens", None)) is not None:
@@ -171,9 +169,21 @@ class VLLMSettings(BaseModel):
             if "in_process" in values:
                 raise ValueError("in_process needs tensor_parallel_size 1 (one worker); set in_process: false")
             in_process = False  # the device's default gives way to the spec's tensor parallelism
+        bind, reserved = merged.pop("cpu_omp_threads_bind", None), merged.pop("cpu_reserved_cores", None)
         if in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             merged["distributed_executor_backend"] = "uni"
+            if binding := sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values):
+                raise ValueError(
+                    f"{binding} bind the threads of vLLM's worker process, but in_process runs the worker in "
+                    "the trial's process, which vLLM does not bind (its threads are the trial's cpu_threads); "
+                    "set in_process: false or leave them out"
+                )
+        else:
+            if bind is not None:
+                env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+            if reserved is not None:
+                env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
         return EngineLaunch(engine_args={**merged, **self.engine_args}, env=env)
 
 
