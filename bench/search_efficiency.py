@@ -1,8 +1,9 @@
 """How many evaluated samples a search needs: multi-fidelity against full fidelity and random search.
 
-On a tiny-model world (base, three experts, three tasks; see WORLD below), for several seeds, three searches run with
-the same budget of evaluated samples (budget.maxSamples): the LFS search with Hyperband (min -> max
-samples, eta 3), the same search with every trial at max samples, and random search at max samples.
+On a tiny-model world (base, three experts, three tasks; see WORLD below), for several seeds, four
+searches run with the same budget of evaluated samples (budget.maxSamples): the LFS search with
+Hyperband (min -> max samples, eta 3), the same with Hyperband's most aggressive bracket only (ASHA),
+the same search with every trial at max samples, and random search at max samples.
 Each search is a real `mergesearch run` (local executor, real merges, real evaluations). Afterwards
 every plan that was ever the incumbent (best at the top rung so far) is evaluated on the held-out test
 split, giving "best held-out score versus samples used" per search, and the samples each search needed
@@ -48,10 +49,13 @@ WORLD = WorldSettings(task_letters=("abcdefgh", "ijklmnop", "qrstuvwx"), expert_
 # has 0.58x the standard error (1/sqrt 3).
 MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 BASELINE_LABELS = [f"expert:{t}" for t in TASKS] + ["task_arithmetic", "ties"]
+FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
+# Spec sections per strategy, over the shared manifest below.
 STRATEGIES = {
-    "multi-fidelity": {"sampler": "tpe", "multiFidelity": True},
-    "full-fidelity": {"sampler": "tpe", "multiFidelity": False},
-    "random": {"sampler": "random", "multiFidelity": False},
+    "multi-fidelity": {"search": {"sampler": "tpe", "multiFidelity": True}},
+    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {**FIDELITY, "brackets": 1}},
+    "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
+    "random": {"search": {"sampler": "random", "multiFidelity": False}},
 }
 
 
@@ -83,11 +87,12 @@ def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budge
                 }
                 for t in TASKS
             ],
-            "fidelity": {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA},
+            "fidelity": FIDELITY,
             "budget": {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget},
-            "search": {"seed": seed, **strategy},
+            "search": {"seed": seed},
             "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 900},
-        },
+        }
+        | {section: value | ({"seed": seed} if section == "search" else {}) for section, value in strategy.items()},
     }
 
 
@@ -142,7 +147,7 @@ def main() -> None:
     results = Path(args.results)
     budget = args.full_trials * MAX_SAMPLES * len(TASKS)
     # Each finished search is saved at once and skipped when the benchmark is run again: a seed takes
-    # about 3 minutes on 2 cores, and seeds can be added one at a time.
+    # about 4 minutes on 2 cores, and seeds can be added one at a time.
     runs: dict[str, dict[int, Any]] = {s: {} for s in STRATEGIES}
     if results.exists() and (saved := json.loads(results.read_text())).get("budget_samples") == budget:
         runs |= {s: {int(seed): run for seed, run in by_seed.items()} for s, by_seed in saved["runs"].items()}
@@ -282,7 +287,7 @@ def plot(runs, seeds, budget, path: Path) -> None:
     for axis in axes[len(seeds) :]:
         axis.set_visible(False)
     for axis, seed in zip(axes, seeds, strict=False):
-        for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:orange", "tab:gray"), strict=True):
+        for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:green", "tab:orange", "tab:gray"), strict=True):
             history = runs[strategy][seed]["history"]
             xs = [used for used, *_ in history]
             xs.append(max([budget, *xs]))  # the runs in flight when the budget ran out finish past it

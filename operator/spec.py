@@ -119,6 +119,12 @@ class Fidelity(_Spec):
     min_samples: int = Field(default=100, ge=1, description="samples per objective at the lowest rung")
     max_samples: int = Field(default=1000, ge=1, description="samples per objective at the top rung")
     reduction_factor: int = Field(default=3, ge=2, description="eta: each rung keeps the top 1/eta")
+    brackets: int | None = Field(
+        default=None,
+        ge=1,
+        description="Hyperband brackets to run, the most aggressive first (1: every trial starts at minSamples, "
+        "ASHA); unset: all of them",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> Fidelity:

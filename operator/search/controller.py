@@ -205,7 +205,8 @@ class SearchController:
         self.name = name
         self.observer = observer or SearchObserver()
         self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
-        self._deferred_acts: list[Callable[[], None]] | None = None
+        self._deferred_acts: list[tuple[Callable[[], None], bool]] | None = None
+        self._cleanups_to_retry: list[tuple[Callable[[], None], bool]] = []
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self._trial_ids: dict[int, int] = {}
         self.spec = spec
@@ -215,7 +216,7 @@ class SearchController:
         self.executor = executor
         fidelity = spec.fidelity
         self.schedule = (
-            Schedule.build(fidelity.min_samples, fidelity.max_samples, fidelity.reduction_factor)
+            Schedule.build(fidelity.min_samples, fidelity.max_samples, fidelity.reduction_factor, fidelity.brackets)
             if spec.search.multi_fidelity
             else Schedule.single_fidelity(fidelity.max_samples)
         )
@@ -323,29 +324,44 @@ class SearchController:
         """Writes in this block reach the database in one transaction; the runs it starts, releases and
         cancels (`_start_run`, `_release_run`, `_cancel_run`) are acted on after that commits, so that
         nothing outside acts on a fact the database does not hold (a run deleted before its failure is
-        stored would be started again under the same name after a crash). After an exception nothing is acted on: the
-        next reconcile finds the stored facts and acts then (starting a run is idempotent by name)."""
-        acts: list[Callable[[], None]] = []
+        stored would be started again under the same name after a crash). After an exception nothing is
+        acted on: the next reconcile finds the stored facts and acts then (starting a run is idempotent by
+        name). Every act is tried even when one fails (then the first error is raised); a release or
+        cancel that failed is tried again after the next commit, since nothing else would: the controller
+        is done with that run, which would otherwise be left behind (a pod never deleted). A start needs
+        no retry: a run never started is missing at its next poll and started then."""
+        acts: list[tuple[Callable[[], None], bool]] = []  # (act, whether it is a release or cancel)
         self._deferred_acts = acts
         try:
             with self.storage.in_one_transaction():
                 yield
         finally:
             self._deferred_acts = None
-        for act in acts:
-            act()
+        retries, self._cleanups_to_retry = self._cleanups_to_retry, []
+        errors = []
+        for act, cleanup in [*retries, *acts]:
+            try:
+                act()
+            except Exception as error:  # every act is tried; the first error is raised below
+                errors.append(error)
+                if cleanup:
+                    self._cleanups_to_retry.append((act, cleanup))
+        for error in errors[1:]:
+            log.warning("acting on the stored facts also failed: %r", error)
+        if errors:
+            raise errors[0]
 
     def _start_run(self, spec: TrialSpec) -> None:
         assert self._deferred_acts is not None, "runs are started from inside _store_then_act"
-        self._deferred_acts.append(functools.partial(self.executor.start, spec))
+        self._deferred_acts.append((functools.partial(self.executor.start, spec), False))
 
     def _release_run(self, name: str) -> None:
         assert self._deferred_acts is not None, "runs are released from inside _store_then_act"
-        self._deferred_acts.append(functools.partial(self.executor.release, name))
+        self._deferred_acts.append((functools.partial(self.executor.release, name), True))
 
     def _cancel_run(self, name: str) -> None:
         assert self._deferred_acts is not None, "runs are cancelled from inside _store_then_act"
-        self._deferred_acts.append(functools.partial(self.executor.cancel, name))
+        self._deferred_acts.append((functools.partial(self.executor.cancel, name), True))
 
     def _initialize(self) -> None:
         if self.study.user_attrs.get(INITIALIZED):

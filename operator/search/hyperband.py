@@ -5,7 +5,9 @@ itself, found with integer arithmetic (Optuna's HyperbandPruner takes a floating
 drops a bracket when max/min is an exact power of eta, e.g. 1 -> 243 with eta = 3). Bracket `b` starts
 its trials at rung `b`, so bracket 0 is the most aggressive and the last bracket runs every trial at
 full fidelity. Trials are spread over brackets in proportion to Hyperband's allocation, by a hash of the
-trial number (deterministic across restarts).
+trial number (deterministic across restarts). `fidelity.brackets` keeps only the most aggressive
+brackets: Hyperband's later brackets hedge against a lowest rung too noisy to rank by, at the price of
+screening fewer candidates; with 1, every trial starts at the lowest rung (plain ASHA).
 
 Promotion is asynchronous successive halving (ASHA): when a trial's rung result arrives it is promoted
 if it is in the top 1/eta of the trials of its bracket that have reached that rung so far (the first
@@ -26,18 +28,23 @@ from dataclasses import dataclass
 class Schedule:
     budgets: tuple[int, ...]  # samples per objective at each rung, strictly increasing
     reduction_factor: int
+    max_brackets: int | None = None  # run only the most aggressive brackets; None: all of them
 
     @classmethod
-    def build(cls, min_samples: int, max_samples: int, reduction_factor: int) -> Schedule:
+    def build(
+        cls, min_samples: int, max_samples: int, reduction_factor: int, max_brackets: int | None = None
+    ) -> Schedule:
         if not 1 <= min_samples <= max_samples or reduction_factor < 2:
             raise ValueError("need 1 <= min_samples <= max_samples and reduction_factor >= 2")
+        if max_brackets is not None and max_brackets < 1:
+            raise ValueError("need max_brackets >= 1")
         budgets = []
         budget = min_samples
         while budget * reduction_factor <= max_samples:  # exact: integers only
             budgets.append(budget)
             budget *= reduction_factor
         budgets.append(max_samples)  # the top rung is maxSamples exactly, whatever eta's powers give
-        return cls(tuple(budgets), reduction_factor)
+        return cls(tuple(budgets), reduction_factor, max_brackets)
 
     @classmethod
     def single_fidelity(cls, samples: int) -> Schedule:
@@ -57,10 +64,11 @@ class Schedule:
         return (self.budgets[rung - 1] if rung > first_rung else 0, self.budgets[rung])
 
     def bracket_weights(self) -> list[int]:
-        """Hyperband's trial allocation per bracket: ceil(n * eta**s / (s + 1)), s rungs of halving."""
+        """Hyperband's trial allocation per bracket: ceil(n * eta**s / (s + 1)), s rungs of halving; only
+        the first `max_brackets` brackets get trials (one: asynchronous successive halving, ASHA)."""
         brackets = self.rungs
         weights = []
-        for bracket in range(brackets):
+        for bracket in range(min(brackets, self.max_brackets or brackets)):
             halvings = brackets - 1 - bracket
             weights.append(math.ceil(brackets * self.reduction_factor**halvings / (halvings + 1)))
         return weights

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import pytest
 from optuna.trial import TrialState
@@ -193,3 +194,43 @@ def test_dis_plans_over_the_depth_cap_are_skipped_not_failed(storage, executor):
     assert status.trials["skipped"] > 0 and status.trials["failed"] == 0
     for trial in controller.study.get_trials(states=(TrialState.COMPLETE,)):
         assert controller.space.plan_of(trial.params).num_layers <= 5
+
+
+def test_one_bracket_starts_every_trial_at_the_lowest_rung(storage, executor):
+    controller = make_controller(manifest(fidelity={"brackets": 1}, budget={"maxTrials": 20}), storage, executor)
+    status = run_to_end(controller)
+    trials = controller.study.get_trials()
+    assert status.trials["completed"] >= 1
+    assert all(result_key(0) in t.user_attrs for t in trials)  # Hyperband would start some higher up
+    evaluated = [sum(e for _, e in t.user_attrs[result_key(0)]["tasks"].values()) for t in trials]
+    assert set(evaluated) == {3 * controller.schedule.budgets[0]}
+
+
+@dataclass
+class FlakyReleases(SyntheticExecutor):
+    """Releases fail at first, as deletes do while the API server is down."""
+
+    failures_left: int = 5
+    released: set[str] = field(default_factory=set)
+
+    def release(self, name: str) -> None:
+        if self.failures_left > 0:
+            self.failures_left -= 1
+            raise ConnectionError("the API server is unavailable")
+        self.released.add(name)
+
+
+def test_a_release_that_failed_is_tried_again_and_nothing_else_is_skipped(storage):
+    executor = FlakyReleases()
+    controller = make_controller(manifest(budget={"maxTrials": 12}), storage, executor)
+    errors = 0
+    for _ in range(5000):
+        try:
+            status = controller.reconcile()
+        except ConnectionError:  # what kopf would retry
+            errors += 1
+            continue
+        if status.phase == "Succeeded":
+            break
+    assert errors > 0 and status.phase == "Succeeded"
+    assert set(executor.started) == executor.released  # every finished run was let go, none left behind

@@ -56,3 +56,12 @@ def test_the_first_arrivals_are_promoted_optimistically():
     assert promotable(0.1, [0.1], 3)  # alone at its rung
     assert not promotable(0.1, [0.1, 0.5], 3)  # two: only the best
     assert promotable(0.5, [0.1, 0.5], 3)
+
+
+@pytest.mark.parametrize(
+    ("max_brackets", "weights"), [(1, [27]), (2, [27, 12]), (4, [27, 12, 6, 4]), (9, [27, 12, 6, 4])]
+)
+def test_max_brackets_keeps_the_most_aggressive_brackets(max_brackets, weights):
+    schedule = Schedule.build(20, 540, 3, max_brackets)
+    assert schedule.bracket_weights() == weights
+    assert {schedule.bracket_of(n) for n in range(500)} == set(range(len(weights)))

@@ -44,6 +44,11 @@ def test_reduction_factor_below_two():
     assert e.field == "spec.fidelity.reductionFactor" and "greater than or equal to 2" in str(e)
 
 
+def test_no_brackets():
+    e = error(spec__fidelity={"brackets": 0})
+    assert e.field == "spec.fidelity.brackets" and "greater than or equal to 1" in str(e)
+
+
 def test_unknown_method():
     e = error(spec__searchSpace={"type": "LFS", "methods": ["linear", "frankenmerge"]})
     assert e.field == "spec.searchSpace.methods.1" and "'task_arithmetic'" in str(e)
