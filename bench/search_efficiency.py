@@ -12,7 +12,7 @@ at full fidelity (what the searches optimise; every incumbent's score is on all 
 Also reported: the final best of each search against each expert alone, uniform task arithmetic and
 TIES on the held-out split.
 
-    python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--full-trials 24] [--summarize-only]
+    python bench/search_efficiency.py [--seeds 0 1 ... 9] [--full-trials 24] [--summarize-only]
 
 Finished searches are kept in the results file and not run again (delete it to start over).
 """
@@ -137,7 +137,7 @@ def held_out(plan, spec, name: str, cache: dict[str, float], work: Path) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
     parser.add_argument("--full-trials", type=int, default=24, help="the sample budget, in full-fidelity trials")
     parser.add_argument("--work-dir", default=".cache/bench/search")
     parser.add_argument("--results", default="bench/results/search_efficiency.json")
