@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -177,6 +178,9 @@ def run_searches(runs: dict[str, dict[int, Any]], seeds: list[int], budget: int,
                 continue
             name = f"{strategy}-{seed}"
             resource = parse_manifest(manifest(world, name, seed, settings, budget))
+            # A fresh study: an old one left in the work directory would be resumed, and being finished,
+            # would hand back its old results for what is meant to be a new run.
+            shutil.rmtree(work / name, ignore_errors=True)
             search = LocalSearch.for_manifest(resource, work_dir=work / name)
             started = time.monotonic()
             status = search.run(lambda _status: None)
