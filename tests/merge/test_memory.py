@@ -52,8 +52,11 @@ def test_ties_of_models_far_larger_than_the_bound(tmp_path):
     models = {name: random_llama(tmp_path / name, seed=i, shape=shape) for i, name in enumerate(("base", "a", "b"))}
     model_bytes = (models["base"] / "model.safetensors").stat().st_size
     largest_tensor = 49152 * 512 * 4
-    bound = 16 * CHUNK_ELEMENTS * 4  # sixteen float32 chunks: two chunks of inputs, task vectors, masks, output
-    assert largest_tensor > bound and 3 * model_bytes > 10 * bound
+    # Twenty float32 chunks (80 MiB), under the largest tensor (96 MiB): inputs, task vectors, masks and
+    # output, a few chunks each. Measured peaks were 49-59 MiB (18 runs), and one CI run reached 65 MiB
+    # against the 64 MiB of sixteen chunks that this bound was first: the allocator's share varies.
+    bound = 20 * CHUNK_ELEMENTS * 4
+    assert largest_tensor > bound and 3 * model_bytes > 8 * bound
 
     plan = {
         "models": {k: str(v) for k, v in models.items()},
