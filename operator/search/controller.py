@@ -206,7 +206,7 @@ class SearchController:
         self.observer = observer or SearchObserver()
         self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
         self._deferred_acts: list[tuple[Callable[[], None], bool]] | None = None
-        self._cleanups_to_retry: list[tuple[Callable[[], None], bool]] = []
+        self._cleanups_to_retry: list[Callable[[], None]] = []
         self.study_id = storage.get_study_id_from_name(study.study_name)
         self._trial_ids: dict[int, int] = {}
         self.spec = spec
@@ -339,13 +339,13 @@ class SearchController:
             self._deferred_acts = None
         retries, self._cleanups_to_retry = self._cleanups_to_retry, []
         errors = []
-        for act, cleanup in [*retries, *acts]:
+        for act, cleanup in [*((retry, True) for retry in retries), *acts]:
             try:
                 act()
             except Exception as error:  # every act is tried; the first error is raised below
                 errors.append(error)
                 if cleanup:
-                    self._cleanups_to_retry.append((act, cleanup))
+                    self._cleanups_to_retry.append(act)
         for error in errors[1:]:
             log.warning("acting on the stored facts also failed: %r", error)
         if errors:

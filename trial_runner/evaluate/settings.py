@@ -150,10 +150,9 @@ class VLLMSettings(BaseModel):
         if values["dtype"] == "auto":
             values["dtype"] = checkpoint_dtype(model_config)
         defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS
-        if device != "cpu":
-            cpu_only = sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values)
-            if cpu_only:
-                raise ValueError(f"{cpu_only} apply to vLLM on CPU only, but this engine runs on {device}")
+        binding = sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values)  # set by the spec
+        if device != "cpu" and binding:
+            raise ValueError(f"{binding} apply to vLLM on CPU only, but this engine runs on {device}")
         if "kv_cache_gib" in values:  # the spec's size in GiB replaces the device's size in tokens
             defaults = {k: v for k, v in defaults.items() if k != "kv_cache_tokens"}
         merged = {**defaults, **values}
@@ -173,7 +172,7 @@ class VLLMSettings(BaseModel):
         if in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             merged["distributed_executor_backend"] = "uni"
-            if binding := sorted(k for k in ("cpu_omp_threads_bind", "cpu_reserved_cores") if k in values):
+            if binding:
                 raise ValueError(
                     f"{binding} bind the threads of vLLM's worker process, but in_process runs the worker in "
                     "the trial's process, which vLLM does not bind (its threads are the trial's cpu_threads); "
