@@ -8,6 +8,10 @@ makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each 
 - warm: as `mergesearch run` runs it: a child of the local executor's fork server, which has imported
   what the backend's trials import and frozen that heap out of the garbage collector's reach, timed
   over the child's whole life (it exits right after its report, without closing its evaluator);
+- worker: as a reused trial pod (`spec.trial.reusePods`) runs it: handed to a `mergesearch worker`
+  process over HTTP and polled there, timed from the hand-over to the poll that sees it finished (the
+  worker's own start, once for all its runs, is not in it; nor is the operator's reconcile interval,
+  which a pod per run waits for just the same);
 - imports only: forked from a process that imported torch, transformers and the backend's top module
   and froze nothing, and closing its evaluator before it reports, as the fork server's children did
   before (the alternative, measured in the same run);
@@ -15,7 +19,7 @@ makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
 local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
 job is that a node downloads once). Reported: each phase's seconds and the fixed share of the trial,
-medians over rounds in which the backends alternate.
+medians over rounds in which the backends alternate and the modes take turns at going first.
 
     python bench/trial_breakdown.py [--samples 100] [--rounds 3]
 """
@@ -23,19 +27,23 @@ medians over rounds in which the backends alternate.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
 import random
+import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
+from mergesearch_operator.executors.worker import TOKEN_ENV, WorkerClient
 from mergesearch_trial_runner.cli import PRELOAD
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
@@ -75,6 +83,18 @@ def ties_plan(root: Path) -> MergePlan:
     )
 
 
+def run_cold(spec_file: Path) -> tuple[TrialResult, float]:
+    """One run in a fresh `mergesearch-trial run` process, as a trial pod runs it, from start to exit."""
+    started = time.perf_counter()
+    cold = subprocess.run(
+        [sys.executable, "-m", "mergesearch_trial_runner.cli", "run", str(spec_file)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
 def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
     """One run through the local executor, forked by its fork server (preloaded for the spec's backend),
     and the child's whole life: from its start (its pid record) to its exit (the exit code the server
@@ -94,7 +114,39 @@ def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
     return status.result, (run_dir / "exit_code").stat().st_mtime - started
 
 
-def run_forked(spec: TrialSpec) -> TrialResult:
+def start_worker(backend: str, work_dir: Path, cache_dir: Path, port: int) -> tuple[subprocess.Popen, WorkerClient]:
+    """A `mergesearch worker` on loopback, once it is ready (it has imported what the backend's trials do)."""
+    token = secrets.token_urlsafe(16)
+    command = [sys.executable, "-m", "mergesearch_operator.cli", "worker", "--backend", backend]
+    options = {"--host": "127.0.0.1", "--port": port, "--work-dir": work_dir, "--cache-dir": cache_dir}
+    process = subprocess.Popen(
+        [*command, *(str(part) for option in options.items() for part in option), "--timeout-seconds", "600"],
+        env={**os.environ, TOKEN_ENV: token},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    if not process.stdout.readline().startswith("worker ready"):
+        raise SystemExit(f"the {backend} worker did not start")
+    return process, WorkerClient(f"127.0.0.1:{port}", token)
+
+
+def run_on_worker(client: WorkerClient, spec: TrialSpec) -> tuple[TrialResult, float]:
+    """One run handed to a worker, from the hand-over to the poll that sees it finished."""
+    started = time.perf_counter()
+    client.start(spec)
+    while (status := client.poll(spec.name)).phase == RunPhase.RUNNING:
+        # As often as the warm runs are polled. Polling at 20 Hz slowed the run itself on 2 cores (vLLM
+        # merge 3.2-4.1 s against 2.5-3.1 s, 3 runs each); the operator polls once per reconcile.
+        time.sleep(0.2)
+    wall = time.perf_counter() - started
+    client.release(spec.name)
+    if status.result is None or not status.result.ok:
+        raise SystemExit(f"the {spec.backend} run on the worker failed: {status.reason}")
+    return status.result, wall
+
+
+def run_forked(spec: TrialSpec) -> tuple[TrialResult, None]:
     """One run in a child forked from this process, which has imported torch, transformers and the
     backend's top module only, with its heap left to the garbage collector: the fork server before
     `cli.warmed_up`, the alternative the warm runs are compared with."""
@@ -111,7 +163,7 @@ def run_forked(spec: TrialSpec) -> TrialResult:
     with os.fdopen(read_end) as received:
         text = received.read()
     os.waitpid(pid, 0)
-    return TrialResult.model_validate_json(text)
+    return TrialResult.model_validate_json(text), None  # timed by the run itself
 
 
 def main() -> None:
@@ -134,7 +186,12 @@ def main() -> None:
         "max_new_tokens": 64,
         "answer_pattern": r"(-?\d+)\D*$",  # the last number: the model restates the sum first
     }
-    rounds: dict[str, dict[str, list[dict]]] = {b: {"cold": [], "warm": [], "imports_only": []} for b in args.backends}
+    modes = ("cold", "warm", "worker", "imports_only")
+    rounds: dict[str, dict[str, list[dict]]] = {b: {mode: [] for mode in modes} for b in args.backends}
+    workers = {
+        backend: start_worker(backend, scratch / f"{backend}-worker", scratch / "cache", 18080 + i)
+        for i, backend in enumerate(args.backends)
+    }
     # What the fork server imported before `cli.warmed_up`, for the imports-only runs forked from here.
     for module in PRELOAD:
         importlib.import_module(module)
@@ -155,26 +212,20 @@ def main() -> None:
             )
             spec_file = scratch / f"{backend}.json"
             spec_file.write_text(spec.model_dump_json())
-            started = time.perf_counter()
-            cold = subprocess.run(
-                [sys.executable, "-m", "mergesearch_trial_runner.cli", "run", str(spec_file)],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            cold_wall = time.perf_counter() - started
-            cold_result = TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1])
-            warm_result, warm_wall = run_warm(spec, scratch / f"{backend}-local")
-            imported_result = run_forked(spec)
-            for mode, result, wall in (
-                ("cold", cold_result, cold_wall),
-                ("warm", warm_result, warm_wall),
-                ("imports_only", imported_result, None),
-            ):
+            runners: dict[str, Callable[[], tuple[TrialResult, float | None]]] = {
+                "cold": functools.partial(run_cold, spec_file),
+                "warm": functools.partial(run_warm, spec, scratch / f"{backend}-local"),
+                "worker": functools.partial(run_on_worker, workers[backend][1], spec),
+                "imports_only": functools.partial(run_forked, spec),
+            }
+            # The modes take turns at going first: a run slows the next (its merged checkpoint is still
+            # being written back to disk), and no mode should always come after the same one.
+            for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
+                result, wall = runners[mode]()
                 timings = dict(result.timings)
                 total = wall if wall is not None else timings["total"]
                 if mode == "cold":
-                    timings["imports_and_startup"] = round(wall - timings["total"], 3)
+                    timings["imports_and_startup"] = round(total - timings["total"], 3)
                 fixed = total - timings["evaluate"]
                 rounds[backend][mode].append(
                     {
@@ -186,6 +237,8 @@ def main() -> None:
                     }
                 )
             print(backend, round_, json.dumps({m: rows[-1] for m, rows in rounds[backend].items()}), flush=True)
+    for process, _ in workers.values():
+        process.terminate()
     results = {
         backend: {
             mode: {key: statistics.median(r[key] for r in rows) for key in rows[0]} for mode, rows in by_mode.items()

@@ -36,7 +36,8 @@ COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trial_runner ./trial_runner
 RUN /opt/mergesearch/bin/pip install '.[runner,vllm]' \
-    && /opt/mergesearch/bin/mergesearch-trial --help > /dev/null
+    && /opt/mergesearch/bin/mergesearch-trial --help > /dev/null \
+    && /opt/mergesearch/bin/mergesearch worker --help > /dev/null
 
 FROM python
 LABEL org.opencontainers.image.title="mergesearch-trial-runner" \

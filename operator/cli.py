@@ -144,6 +144,12 @@ def _operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from .executors.worker import main as serve_runs
+
+    return serve_runs(args)
+
+
 def _crd(args: argparse.Namespace) -> int:
     from .k8s.crd import crd_yaml
 
@@ -202,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--health-port", type=int, default=8081, help="liveness probe at :PORT/healthz")
     operator.add_argument("--verbose", action="store_true", help="log kopf's debug messages")
     operator.set_defaults(handler=_operator)
+
+    worker = commands.add_parser(
+        "worker", help="serve trial runs to the operator, one after another (a reused trial pod's command)"
+    )
+    worker.add_argument("--backend", choices=("hf", "vllm"), default="vllm", help="what to import once, up front")
+    worker.add_argument("--timeout-seconds", type=float, default=3600, help="a run's deadline")
+    worker.add_argument("--host", help="address to listen on (default: $POD_IP, else 127.0.0.1)")
+    worker.add_argument("--port", type=int, help="port to listen on (default: 8080)")
+    worker.add_argument("--work-dir", default="/scratch/worker", help="the runs' directories")
+    worker.add_argument("--cache-dir", default="/var/cache/mergesearch", help="the node's shared weight cache")
+    worker.set_defaults(handler=_worker)
 
     crd = commands.add_parser("crd", help="print the MergeSearch CustomResourceDefinition (YAML)")
     crd.set_defaults(handler=_crd)

@@ -188,6 +188,11 @@ class Trial(_Spec):
     cache_volume: dict[str, Any] | None = Field(
         default=None, description="volume for the node's shared weight cache (e.g. {hostPath: {path: /var/cache/ms}})"
     )
+    reuse_pods: bool = Field(
+        default=False,
+        description="run trial after trial in long-lived worker pods, one per parallel trial, which import the "
+        "backend once (a fresh pod per run pays it every time)",
+    )
 
 
 class Output(_Spec):

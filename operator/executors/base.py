@@ -16,6 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from mergesearch_trial_runner.spec import ErrorKind, TrialResult, TrialSpec
 
@@ -38,6 +39,29 @@ class RunStatus:
     cause: str = ""  # FAILED: one of CAUSES
     reason: str = ""  # FAILED: what happened, for people (the runner's message, the pod's state)
     seconds: float = 0.0  # how long the run held its device(s)
+
+    def to_json(self) -> dict[str, Any]:
+        """The status as JSON data (a worker pod answers the operator with it)."""
+        return {
+            "phase": self.phase.value,
+            "result": None if self.result is None else self.result.model_dump(mode="json"),
+            "failure": self.failure,
+            "cause": self.cause,
+            "reason": self.reason,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunStatus:
+        result = data.get("result")
+        return cls(
+            phase=RunPhase(data["phase"]),
+            result=None if result is None else TrialResult.model_validate(result),
+            failure=data.get("failure"),
+            cause=data.get("cause", ""),
+            reason=data.get("reason", ""),
+            seconds=float(data.get("seconds", 0.0)),
+        )
 
 
 class Executor(ABC):

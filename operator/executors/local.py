@@ -93,6 +93,14 @@ class LocalExecutor(Executor):
                 )
         return self._server
 
+    def warm_up(self) -> None:
+        """Start the fork server now (it imports the backend), instead of at the first run."""
+        self._fork_server()
+
+    def names(self) -> list[str]:
+        """Every run this executor holds: running, or finished and not yet released."""
+        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir())
+
     def start(self, spec: TrialSpec) -> None:
         run_dir = self._dir(spec.name)
         if any((run_dir / f).exists() for f in ("pid", "result.json", "failure.json")):

@@ -1,6 +1,6 @@
 """The one module that calls the Kubernetes API directly (kopf's own watching and patching aside).
 
-A thin layer over the official client: create and delete pods, read a Secret. It turns HTTP failures
+A thin layer over the official client: create and delete pods, create and read Secrets. It turns HTTP failures
 into the few outcomes callers act on (already exists, gone, permanent), and is safe to call from kopf's
 handler threads (the client's ApiClient is thread-safe for independent requests).
 """
@@ -59,6 +59,18 @@ class KubernetesApi:
         except ApiException as exc:
             if exc.status != 404:
                 raise KubernetesApiError(f"deleting pod {name}: {exc.reason}", status=exc.status) from None
+
+    def create_secret(self, namespace: str, body: dict[str, Any]) -> bool:
+        """Create a Secret; False when one of that name exists already."""
+        try:
+            _discard(self._core.create_namespaced_secret(namespace, body, _preload_content=False))
+            return True
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise KubernetesApiError(
+                f"creating Secret {body['metadata']['name']}: {exc.reason}", status=exc.status
+            ) from None
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         try:

@@ -13,6 +13,9 @@ Pod states become run outcomes:
   a pod unschedulable for `unschedulable_seconds` is an infrastructure failure (released, so
   deleted, once the failure is stored, and retried).
 - Gone, or deleted before it finished: infrastructure (Lost).
+
+`pod_trouble` holds these rules for a pod that has not succeeded; `workers` applies them to worker pods
+(`spec.trial.reusePods`), whose runs are not pods of their own.
 """
 
 from __future__ import annotations
@@ -63,6 +66,12 @@ class PodView:
     deleting: bool = False
     started: float | None = None
     finished: float | None = None
+    ip: str = ""  # status.podIP
+
+    @property
+    def seconds(self) -> float:
+        """How long the container ran, once it has finished."""
+        return (self.finished - self.started) if self.finished and self.started else 0.0
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> PodView:
@@ -87,6 +96,7 @@ class PodView:
             deleting=bool(metadata.get("deletionTimestamp")),
             started=_timestamp(terminated.get("startedAt")),
             finished=_timestamp(terminated.get("finishedAt")),
+            ip=status.get("podIP", ""),
         )
 
 
@@ -100,12 +110,49 @@ def _result(message: str) -> TrialResult | None:
     return None
 
 
+def failed(kind: str, cause: str, reason: str, seconds: float = 0.0) -> RunStatus:
+    return RunStatus(RunPhase.FAILED, failure=kind, cause=cause, reason=reason, seconds=seconds)  # type: ignore[arg-type]
+
+
+def pod_trouble(pod: PodView, *, trial: Trial, settings: OperatorSettings, now: float) -> RunStatus | None:
+    """The failure that a pod's state means for the run in it; None while the pod may still get there."""
+    if pod.phase == "Failed":
+        return _classify_failed(pod, trial)
+    if pod.deleting:
+        return failed("infrastructure", "Lost", "the pod was deleted before it finished", pod.seconds)
+    age = now - (pod.created or now)
+    if pod.phase == "Pending":
+        if pod.waiting_reason in IMAGE_PULL_REASONS and age > settings.image_pull_seconds:
+            return failed("user", "ImagePull", f"cannot pull image {trial.image}: {pod.waiting_reason}")
+        if pod.unschedulable and age > settings.unschedulable_seconds:
+            # Not deleted here: the controller stores the failure first, then releases the run.
+            return failed("infrastructure", "Unschedulable", f"no node could take the pod in {age:.0f}s")
+    return None
+
+
+def _classify_failed(pod: PodView, trial: Trial) -> RunStatus:
+    result, seconds = _result(pod.message), pod.seconds
+    if pod.reason == "DeadlineExceeded":
+        return failed("infrastructure", "DeadlineExceeded", f"ran over {trial.timeout_seconds}s", seconds)
+    if pod.terminated_reason == "OOMKilled":
+        return failed("infrastructure", "OOMKilled", "the trial ran out of memory", seconds)
+    if pod.exit_code == EXIT_USER_ERROR or (result is not None and result.error_kind == "user"):
+        message = result.message if result is not None else pod.message[-500:]
+        return RunStatus(
+            RunPhase.FAILED, result=result, failure="user", cause="UserError", reason=message, seconds=seconds
+        )
+    message = result.message if result is not None else pod.message[-500:]
+    return failed("infrastructure", "Error", f"exit code {pod.exit_code}: {message}", seconds)
+
+
 def gpus(trial: Trial) -> float:
     limits = trial.resources.get("limits", {})
     return float(limits.get("nvidia.com/gpu", 0) or 0)
 
 
 class KubernetesExecutor(Executor):
+    pods_show_progress = True  # a run's pod changes when the run does: no pod changed, nothing to poll
+
     def __init__(
         self,
         *,
@@ -157,45 +204,14 @@ class KubernetesExecutor(Executor):
                 return RunStatus(RunPhase.MISSING)
             if self.clock() - created < CREATE_GRACE_SECONDS:
                 return RunStatus(RunPhase.RUNNING)
-            return self._failed("infrastructure", "Lost", "the pod was created but never appeared")
-        seconds = (pod.finished - pod.started) if pod.finished and pod.started else 0.0
+            return failed("infrastructure", "Lost", "the pod was created but never appeared")
         if pod.phase == "Succeeded":
             result = _result(pod.message)
             if result is not None and result.ok:
-                return RunStatus(RunPhase.SUCCEEDED, result=result, seconds=seconds)
-            return self._failed("infrastructure", "Lost", "the pod succeeded without a result", seconds)
-        if pod.phase == "Failed":
-            return self._classify_failed(pod, seconds)
-        age = self.clock() - (pod.created or self.clock())
-        if pod.deleting:
-            return self._failed("infrastructure", "Lost", "the pod was deleted before it finished", seconds)
-        if pod.phase == "Pending":
-            if pod.waiting_reason in IMAGE_PULL_REASONS and age > self.settings.image_pull_seconds:
-                return self._failed("user", "ImagePull", f"cannot pull image {self.trial.image}: {pod.waiting_reason}")
-            if pod.unschedulable and age > self.settings.unschedulable_seconds:
-                # Not deleted here: the controller stores the failure first, then releases the run.
-                return self._failed("infrastructure", "Unschedulable", f"no node could take the pod in {age:.0f}s")
-        return RunStatus(RunPhase.RUNNING, seconds=seconds)
-
-    def _classify_failed(self, pod: PodView, seconds: float) -> RunStatus:
-        result = _result(pod.message)
-        if pod.reason == "DeadlineExceeded":
-            return self._failed(
-                "infrastructure", "DeadlineExceeded", f"ran over {self.trial.timeout_seconds}s", seconds
-            )
-        if pod.terminated_reason == "OOMKilled":
-            return self._failed("infrastructure", "OOMKilled", "the trial ran out of memory", seconds)
-        if pod.exit_code == EXIT_USER_ERROR or (result is not None and result.error_kind == "user"):
-            message = result.message if result is not None else pod.message[-500:]
-            return RunStatus(
-                RunPhase.FAILED, result=result, failure="user", cause="UserError", reason=message, seconds=seconds
-            )
-        message = result.message if result is not None else pod.message[-500:]
-        return self._failed("infrastructure", "Error", f"exit code {pod.exit_code}: {message}", seconds)
-
-    @staticmethod
-    def _failed(kind: str, cause: str, reason: str, seconds: float = 0.0) -> RunStatus:
-        return RunStatus(RunPhase.FAILED, failure=kind, cause=cause, reason=reason, seconds=seconds)  # type: ignore[arg-type]
+                return RunStatus(RunPhase.SUCCEEDED, result=result, seconds=pod.seconds)
+            return failed("infrastructure", "Lost", "the pod succeeded without a result", pod.seconds)
+        trouble = pod_trouble(pod, trial=self.trial, settings=self.settings, now=self.clock())
+        return trouble or RunStatus(RunPhase.RUNNING, seconds=pod.seconds)
 
     def cancel(self, name: str) -> None:
         self.api.delete_pod(self.namespace, name)

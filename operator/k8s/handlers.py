@@ -122,9 +122,11 @@ def reconcile(
     started = time.perf_counter()
     pods = {pod.name: pod for pod in trial_pods.get((runtime.namespace, runtime.name), [])}
     # Nothing a reconcile acts on has changed (no pod moved, no spec edit): skip the study's reads, but
-    # not for long, since some rules are about time (unschedulable pods, deadlines).
+    # not for long, since some rules are about time (unschedulable pods, deadlines). Runs in worker pods
+    # finish without any pod moving, so their searches are always reconciled.
     fingerprint = (meta.get("generation"), frozenset(pods.values()))
-    if fingerprint == runtime.fingerprint and time.monotonic() - runtime.reconciled_at < FULL_RECONCILE_SECONDS:
+    unchanged = fingerprint == runtime.fingerprint and runtime.executor.pods_show_progress
+    if unchanged and time.monotonic() - runtime.reconciled_at < FULL_RECONCILE_SECONDS:
         return
     runtime.executor.observe(pods)
     try:

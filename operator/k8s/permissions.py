@@ -15,8 +15,9 @@ RULES: list[dict[str, list[str]]] = [
     {"apiGroups": ["mergesearch.io"], "resources": ["mergesearches/finalizers"], "verbs": ["update"]},
     # Trial pods: created and deleted by api.py, watched (the index of runs) by kopf.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    # The study's database URL and the S3 credentials for the preflight: api.read_secret.
-    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+    # The study's database URL and the S3 credentials for the preflight: api.read_secret. The token of a
+    # search's worker pods (trial.reusePods): api.create_secret, once per search.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create"]},
     # kopf.event / kopf.warn post Events (both APIs, by Kubernetes version).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create"]},

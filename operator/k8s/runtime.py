@@ -2,18 +2,21 @@
 
 Built from the resource the first time the operator sees it (or after a restart), kept in memory while
 the resource exists; everything it needs to continue is in the study (PostgreSQL) and in the pods.
-The fields that define a search - models, search space, objectives, fidelity, objective mode - are
-fixed when its study is created: a later edit of them is refused (the search goes on with the accepted
-ones and a condition says so), while budgets, `suspend`, trial settings and the output may change.
+The fields that define a search - models, search space, objectives, fidelity, objective mode, and
+whether trial pods are reused (which executor runs them) - are fixed when its study is created: a
+later edit of them is refused (the search goes on with the accepted ones and a condition says so),
+while budgets, `suspend`, the other trial settings and the output may change.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
+from pydantic.alias_generators import to_camel
 
 from mergesearch_trial_runner.store import ModelStore
 
@@ -25,10 +28,14 @@ from ..spaces import ModelFacts, build_space
 from ..spec import MergeSearchSpec, parse_manifest
 from .api import KubernetesApi, KubernetesApiError
 from .executor import KubernetesExecutor
+from .pods import TOKEN_KEY, owner_reference
 from .settings import OperatorSettings
+from .workers import WorkerPodExecutor
 
 IMMUTABLE = ("models", "search_space", "objectives", "fidelity", "storage")
 IMMUTABLE_SEARCH = ("objective_mode", "multi_fidelity")
+IMMUTABLE_TRIAL = ("reuse_pods",)  # which executor runs the trials
+PARTLY_IMMUTABLE = ("search", "trial")  # sections of which only some fields are fixed
 ACCEPTED_ATTR = "accepted_spec"
 FACTS_ATTR = "facts"
 
@@ -47,19 +54,32 @@ def _defining(spec: MergeSearchSpec) -> dict[str, Any]:
     """The part of a spec that cannot change once its study exists."""
     data = spec.model_dump(mode="json", include=set(IMMUTABLE))
     data["search"] = spec.search.model_dump(mode="json", include=set(IMMUTABLE_SEARCH))
+    data["trial"] = spec.trial.model_dump(mode="json", include=set(IMMUTABLE_TRIAL))
     return data
+
+
+def _changed(current: dict[str, Any], accepted: dict[str, Any]) -> list[str]:
+    """The defining fields whose value differs from the accepted one, as a user writes them."""
+    changed: list[str] = []
+    for key, value in accepted.items():
+        if key not in PARTLY_IMMUTABLE:
+            changed += [to_camel(key)] if current.get(key) != value else []
+        else:
+            changed += [f"{key}.{to_camel(part)}" for part in value if current[key].get(part) != value[part]]
+    return sorted(changed)
 
 
 def effective_spec(spec: MergeSearchSpec, accepted: dict[str, Any]) -> tuple[MergeSearchSpec, list[str]]:
     """The spec to run: the accepted defining fields, the rest as given; and which fields were refused."""
     current = _defining(spec)
-    changed = sorted(key for key in accepted if current.get(key) != accepted[key])
+    changed = _changed(current, accepted)
     if not changed:
         return spec, []
     merged = spec.model_dump(mode="json", by_alias=False)
     for key in IMMUTABLE:
         merged[key] = accepted[key]
     merged["search"] = {**merged["search"], **accepted["search"]}
+    merged["trial"] = {**merged["trial"], **accepted.get("trial", {})}  # studies from before reusePods lack it
     return MergeSearchSpec.model_validate(merged), changed
 
 
@@ -75,12 +95,30 @@ def s3_client(api: KubernetesApi, namespace: str, secret: str) -> Any:
     )
 
 
+def worker_token(api: KubernetesApi, namespace: str, secret: str, search: str, uid: str) -> str:
+    """The token the search's worker pods want on every request: made once, kept in a Secret that the
+    search owns (so a restarted operator reads the same one, and it goes with the search)."""
+    api.create_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": secret, "namespace": namespace, "ownerReferences": [owner_reference(search, uid)]},
+            "stringData": {TOKEN_KEY: secrets.token_urlsafe(32)},
+        },
+    )
+    token = api.read_secret(namespace, secret).get(TOKEN_KEY)
+    if not token:
+        raise KubernetesApiError(f"Secret {namespace}/{secret} has no key `{TOKEN_KEY}`; delete it to get a new one")
+    return token
+
+
 @dataclass
 class SearchRuntime:
     name: str
     namespace: str
     controller: SearchController
-    executor: KubernetesExecutor
+    executor: KubernetesExecutor | WorkerPodExecutor
     metrics: SearchMetrics
     refused: list[str] = field(default_factory=list)  # defining fields whose edit was refused
     fingerprint: object = None  # what the last reconcile saw (handlers skip a reconcile that would see the same)
@@ -119,15 +157,30 @@ class SearchRuntime:
             study.set_user_attr(FACTS_ATTR, json.loads(json.dumps(facts.__dict__, default=list)))
         else:
             facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
-        executor = KubernetesExecutor(
-            api=api,
-            search=name,
-            namespace=namespace,
-            owner_uid=uid,
-            trial=spec.trial,
-            s3_secret=s3_secret,
-            settings=settings,
-        )
+        executor: KubernetesExecutor | WorkerPodExecutor
+        if spec.trial.reuse_pods:
+            token_secret = f"{name}-worker-token"
+            executor = WorkerPodExecutor(
+                api=api,
+                search=name,
+                namespace=namespace,
+                owner_uid=uid,
+                trial=spec.trial,
+                s3_secret=s3_secret,
+                token_secret=token_secret,
+                token=worker_token(api, namespace, token_secret, name, uid),
+                settings=settings,
+            )
+        else:
+            executor = KubernetesExecutor(
+                api=api,
+                search=name,
+                namespace=namespace,
+                owner_uid=uid,
+                trial=spec.trial,
+                s3_secret=s3_secret,
+                settings=settings,
+            )
         metrics = SearchMetrics(namespace, name)
         controller = SearchController(
             name=name,

@@ -29,5 +29,11 @@ class OperatorSettings(BaseSettings):
     image_pull_seconds: float = Field(
         default=300.0, gt=0, description="a trial pod that cannot pull its image this long fails as a user error"
     )
+    worker_idle_seconds: float = Field(
+        default=60.0, gt=0, description="a worker pod (trial.reusePods) without a run this long is deleted"
+    )
+    worker_unreachable_seconds: float = Field(
+        default=600.0, gt=0, description="a running worker pod that does not answer this long loses its run"
+    )
     keep_failed_pods: int = Field(default=5, ge=0, description="failed trial pods kept per search for debugging")
     trial_uid: int = Field(default=1000, description="uid (and fsGroup) trial containers run as")

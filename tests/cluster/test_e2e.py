@@ -123,7 +123,12 @@ class Cluster:
                 "--health-port",
                 str(free_port()),
             ],
-            env={**self.env, "MERGESEARCH_RECONCILE_SECONDS": "1", "MERGESEARCH_UNSCHEDULABLE_SECONDS": "5"},
+            env={
+                **self.env,
+                "MERGESEARCH_RECONCILE_SECONDS": "1",
+                "MERGESEARCH_UNSCHEDULABLE_SECONDS": "5",
+                "MERGESEARCH_WORKER_IDLE_SECONDS": "10",
+            },
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -261,6 +266,67 @@ def test_faults_and_an_operator_restart_lose_nothing(cluster, prometheus):
         assert f"{pod}-a1" in pods, f"{pod} ({fault_of(pod)}) was not retried under a new name"
     events = cluster.core.list_namespaced_event(NAMESPACE).items
     assert any(e.involved_object.name == name for e in events)
+
+
+def worker_runs(cluster: Cluster, search: str) -> dict[Path, list[str]]:
+    """Each worker pod's directory on the node -> the runs it started, in order (its executor's ledger)."""
+    ledgers = sorted((cluster.tmp / "node" / "pods").glob(f"{search}-w*/*/scratch/worker/runs.log"))
+    return {ledger.parents[2]: [line.split()[1] for line in ledger.read_text().splitlines()] for ledger in ledgers}
+
+
+def busy_worker(cluster: Cluster, search: str) -> str | None:
+    """A worker pod with a run in progress: its newest run has a pid record and no result yet."""
+    for pod_dir, runs in worker_runs(cluster, search).items():
+        run_dir = pod_dir / "scratch" / "worker" / "runs" / runs[-1]
+        if (run_dir / "pid").exists() and not (run_dir / "result.json").exists():
+            return pod_dir.parent.name
+    return None
+
+
+def test_reused_pods_run_trial_after_trial_through_a_lost_worker_and_a_restart(cluster):
+    name = "reused"
+    cluster.fault = lambda pod: None
+    document = manifest(name, max_trials=8)
+    document["spec"]["trial"]["reusePods"] = True
+    cluster.apply(document)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and max(map(len, worker_runs(cluster, name).values()), default=0) < 2:
+        time.sleep(0.5)
+    cluster.kill_operator()  # a worker has taken its second run: the restarted operator must find the runs
+    time.sleep(3)
+    started_before = sum(map(len, worker_runs(cluster, name).values()))
+    cluster.start_operator()
+    # Once the restarted operator starts runs, it has asked every worker which runs it holds.
+    lost = None
+    while time.monotonic() < deadline and lost is None:
+        if sum(map(len, worker_runs(cluster, name).values())) > started_before:
+            lost = busy_worker(cluster, name)
+        time.sleep(0.5)
+    assert lost is not None, "no worker was ever seen busy"
+    cluster.core.delete_namespaced_pod(lost, NAMESPACE)  # the node goes away under a running trial
+    status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=600)
+    assert status["phase"] == "Succeeded", status
+    assert sum(status["trials"].values()) == 8 and {"best", "task_arithmetic", "ties"} <= set(status["heldOut"])
+    listing = cluster.s3.client().list_objects_v2(Bucket="models", Prefix=f"merged/{name}/")
+    assert f"merged/{name}/mergesearch_plan.json" in [o["Key"] for o in listing["Contents"]]
+
+    runs = worker_runs(cluster, name)
+    started = [run for ledger in runs.values() for run in ledger]
+    assert len(started) == len(set(started)), f"a run was started twice: {runs}"
+    assert any(run.endswith("-a1") for run in started), f"the lost worker's run was not retried: {runs}"
+    assert len(runs) <= 4 < len(started), f"{len(runs)} workers for {len(started)} runs: {runs}"
+    assert not [p for p in cluster.pod_creations() if p.startswith(name) and not p.startswith(f"{name}-w")]
+    assert cluster.core.read_namespaced_secret(f"{name}-worker-token", NAMESPACE).data["token"]
+    deadline = time.monotonic() + 60  # idle workers go, so a finished search holds no devices
+    while time.monotonic() < deadline and search_pods(cluster, name):
+        time.sleep(1)
+    assert not search_pods(cluster, name)
+
+
+def search_pods(cluster: Cluster, search: str) -> list[str]:
+    return [
+        p.metadata.name for p in cluster.core.list_namespaced_pod(NAMESPACE).items if p.metadata.name.startswith(search)
+    ]
 
 
 def test_prometheus_scraped_every_metric(cluster, prometheus):

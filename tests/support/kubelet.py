@@ -1,10 +1,12 @@
 """A test-only node agent: plays kubelet for pods created in the Kubernetes emulator.
 
 It watches pods in one namespace and runs each pod's container command as a local process with the
-pod's environment (Secret references resolved through the API), in a private mount namespace where the
-pod's volumes and its termination-message file are bind-mounted at the paths the pod spec names, as a
-container runtime would. It writes the phase, exit code and termination message back into the pod's
-status, and enforces `activeDeadlineSeconds`. Needs root (mount namespaces).
+pod's environment (Secret references and the pod's IP resolved), in private mount and PID namespaces
+where the pod's volumes and its termination-message file are bind-mounted at the paths the pod spec
+names, as a container runtime would; deleting the pod kills every process in it. Each pod gets its own
+loopback address (127.0.10.x) as its IP, so pods that listen on one port do not collide. It writes the
+phase, exit code and termination message back into the pod's status, and enforces
+`activeDeadlineSeconds`. Needs root (namespaces).
 
 Faults are injected by name: `fault(pod) -> None | "fail" | "hang" | "oom" | "unschedulable"`.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import itertools
 import json
 import os
 import shutil
@@ -35,6 +38,8 @@ FAULT_COMMANDS = {
 }
 MOUNT_POINTS = ("/scratch", "/var/cache/mergesearch")
 TERMINATION_LOG = Path("/dev/termination-log")
+# Own mount and PID namespaces; the pod's processes die with its first one, as in a container.
+UNSHARE = ["unshare", "-m", "-p", "--kill-child", "--mount-proc", "--propagation", "private"]
 
 
 def _now() -> str:
@@ -52,6 +57,7 @@ class FakeKubelet:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.started: list[str] = []  # every pod it ran, in order
         self._seen: set[str] = set()
+        self._pod_numbers = itertools.count()  # next() on a count is atomic: the pods' threads share it
         self._stop = threading.Event()
         self._created_mount_points: list[Path] = []
         self._thread = threading.Thread(target=self._watch, name="fake-kubelet", daemon=True)
@@ -99,8 +105,8 @@ class FakeKubelet:
                         process = self.processes.get(name)
                         if process is not None:
                             process.kill()
-                    elif name not in self._seen and not (pod.get("status") or {}).get("phase"):
-                        self._seen.add(name)
+                    elif pod["metadata"]["uid"] not in self._seen and not (pod.get("status") or {}).get("phase"):
+                        self._seen.add(pod["metadata"]["uid"])  # a new pod may take a deleted one's name
                         threading.Thread(target=self._run, args=(pod,), daemon=True).start()
                     if self._stop.is_set():
                         break
@@ -114,11 +120,17 @@ class FakeKubelet:
             if exc.status != 404:  # deleted meanwhile
                 raise
 
-    def _env(self, container: dict[str, Any]) -> dict[str, str]:
+    def _env(self, container: dict[str, Any], pod_ip: str) -> dict[str, str]:
         env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": "/tmp", "PYTHONUNBUFFERED": "1"}
         for var in container.get("env", []):
             if "value" in var:
                 env[var["name"]] = var["value"]
+                continue
+            field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+            if field is not None:
+                if field != "status.podIP":
+                    raise KeyError(f"the fake kubelet resolves only fieldRef status.podIP, not {field}")
+                env[var["name"]] = pod_ip
                 continue
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             if ref is None:
@@ -175,7 +187,7 @@ class FakeKubelet:
             )
             return
         container = pod["spec"]["containers"][0]
-        pod_dir = self.root / "pods" / name
+        pod_dir = self.root / "pods" / name / pod["metadata"]["uid"]  # volumes start empty, as emptyDirs do
         (pod_dir / "scratch").mkdir(parents=True, exist_ok=True)
         termination = pod_dir / "termination-log"
         termination.touch()
@@ -186,19 +198,21 @@ class FakeKubelet:
             f"mount --bind {termination} {container.get('terminationMessagePath', TERMINATION_LOG)} && "
             'exec "$@"'
         )
-        started = _now()
+        number = next(self._pod_numbers)
+        started, pod_ip = _now(), f"127.0.{10 + number // 250}.{1 + number % 250}"
         self._patch(
             name,
             {
                 "phase": "Running",
+                "podIP": pod_ip,
                 "startTime": started,
                 "containerStatuses": [self._container_status(container, True, {"running": {"startedAt": started}})],
             },
         )
         with (pod_dir / "log").open("wb") as log:
             process = subprocess.Popen(
-                ["unshare", "-m", "--propagation", "private", "sh", "-c", mounts, "sh", *command],
-                env=self._env(container),
+                [*UNSHARE, "sh", "-c", mounts, "sh", *command],
+                env=self._env(container, pod_ip),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd="/",

@@ -75,7 +75,7 @@ rule). Equal to mergesearch_operator.k8s.permissions.RULES: tests/install compar
   verbs: [create]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create]  # create: the token of a search's worker pods (trial.reusePods)
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create]
