@@ -8,6 +8,7 @@ handler threads (the client's ApiClient is thread-safe for independent requests)
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from typing import Any
 
 import kubernetes
@@ -36,21 +37,26 @@ def _discard(response: Any) -> None:
     response.release_conn()
 
 
+def _created(create: Callable[..., Any], namespace: str, body: dict[str, Any], kind: str) -> bool:
+    """Call a create method; False when an object of that name exists already (409)."""
+    try:
+        _discard(create(namespace, body, _preload_content=False))
+        return True
+    except ApiException as exc:
+        if exc.status == 409:
+            return False
+        raise KubernetesApiError(
+            f"creating {kind} {body['metadata']['name']}: {exc.reason}", status=exc.status
+        ) from None
+
+
 class KubernetesApi:
     def __init__(self, client: kubernetes.client.ApiClient | None = None):
         self._core = kubernetes.client.CoreV1Api(client)
 
     def create_pod(self, namespace: str, body: dict[str, Any]) -> bool:
         """Create a pod; False when a pod of that name exists already (the call is idempotent)."""
-        try:
-            _discard(self._core.create_namespaced_pod(namespace, body, _preload_content=False))
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise KubernetesApiError(
-                f"creating pod {body['metadata']['name']}: {exc.reason}", status=exc.status
-            ) from None
+        return _created(self._core.create_namespaced_pod, namespace, body, "pod")
 
     def delete_pod(self, namespace: str, name: str) -> None:
         """Delete a pod, now (grace period 0: a trial has nothing to flush); a missing pod is fine."""
@@ -62,15 +68,7 @@ class KubernetesApi:
 
     def create_secret(self, namespace: str, body: dict[str, Any]) -> bool:
         """Create a Secret; False when one of that name exists already."""
-        try:
-            _discard(self._core.create_namespaced_secret(namespace, body, _preload_content=False))
-            return True
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise KubernetesApiError(
-                f"creating Secret {body['metadata']['name']}: {exc.reason}", status=exc.status
-            ) from None
+        return _created(self._core.create_namespaced_secret, namespace, body, "Secret")
 
     def read_secret(self, namespace: str, name: str) -> dict[str, str]:
         try:

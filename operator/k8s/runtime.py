@@ -157,30 +157,16 @@ class SearchRuntime:
             study.set_user_attr(FACTS_ATTR, json.loads(json.dumps(facts.__dict__, default=list)))
         else:
             facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
+        pods = {"api": api, "search": name, "namespace": namespace, "owner_uid": uid, "trial": spec.trial}
         executor: KubernetesExecutor | WorkerPodExecutor
         if spec.trial.reuse_pods:
             token_secret = f"{name}-worker-token"
+            token = worker_token(api, namespace, token_secret, name, uid)
             executor = WorkerPodExecutor(
-                api=api,
-                search=name,
-                namespace=namespace,
-                owner_uid=uid,
-                trial=spec.trial,
-                s3_secret=s3_secret,
-                token_secret=token_secret,
-                token=worker_token(api, namespace, token_secret, name, uid),
-                settings=settings,
+                **pods, s3_secret=s3_secret, token_secret=token_secret, token=token, settings=settings
             )
         else:
-            executor = KubernetesExecutor(
-                api=api,
-                search=name,
-                namespace=namespace,
-                owner_uid=uid,
-                trial=spec.trial,
-                s3_secret=s3_secret,
-                settings=settings,
-            )
+            executor = KubernetesExecutor(**pods, s3_secret=s3_secret, settings=settings)
         metrics = SearchMetrics(namespace, name)
         controller = SearchController(
             name=name,

@@ -224,8 +224,10 @@ class WorkerPodExecutor(Executor):
                 return status
         if name in self._lost:
             return failed("infrastructure", "Lost", self._lost[name])
-        silent = now - self._contact.get(worker, pod.created or now)
-        if pod.phase == "Running" and silent > self.settings.worker_unreachable_seconds:
+        if not self._answers(pod):  # pulling its image, say: it is not expected to answer yet
+            self._contact[worker] = now
+        silent = now - self._contact.get(worker, now)
+        if silent > self.settings.worker_unreachable_seconds:
             return self._lose(name, f"worker {worker} has not answered for {silent:.0f}s")
         return RunStatus(RunPhase.RUNNING)
 

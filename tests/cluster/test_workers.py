@@ -132,6 +132,8 @@ def test_a_run_waits_for_its_new_worker_then_the_worker_takes_the_next_run():
     world.views["s-w0"] = PodView(name="s-w0", phase="Pending", created=world.now)
     world.observe()
     assert ex.poll("s-t0-r0").phase == RunPhase.RUNNING  # pending: nothing to hand over to
+    world.now += 900  # a long image pull: silence before the pod runs does not count
+    assert ex.poll("s-t0-r0").phase == RunPhase.RUNNING
     worker = world.run_pod("s-w0", "10.0.0.5")
     worker.reachable = False  # still importing its backend
     assert ex.poll("s-t0-r0").phase == RunPhase.RUNNING and worker.started == []
