@@ -234,3 +234,33 @@ def test_a_release_that_failed_is_tried_again_and_nothing_else_is_skipped(storag
             break
     assert errors > 0 and status.phase == "Succeeded"
     assert set(executor.started) == executor.released  # every finished run was let go, none left behind
+
+
+@dataclass
+class CountingActive(SyntheticExecutor):
+    """Counts the runs started and not yet released or cancelled: what would hold a worker pod each."""
+
+    active: set[str] = field(default_factory=set)
+    most_active: int = 0
+
+    def start(self, spec):
+        if spec.name not in self.runs:
+            self.active.add(spec.name)
+            self.most_active = max(self.most_active, len(self.active))
+        super().start(spec)
+
+    def release(self, name):
+        self.active.discard(name)
+
+    def cancel(self, name):
+        self.active.discard(name)
+        super().cancel(name)
+
+
+def test_no_more_runs_are_held_at_once_than_parallel_trials_even_in_the_final_stage(storage):
+    executor = CountingActive()
+    document = manifest()
+    document["spec"]["budget"]["parallelTrials"] = 2
+    status = run_to_end(make_controller(document, storage, executor))
+    assert status.phase == "Succeeded" and len(status.final) > 2
+    assert executor.most_active <= 2
