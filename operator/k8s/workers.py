@@ -234,7 +234,8 @@ class WorkerPodExecutor(Executor):
     def _free(self, name: str, worker: str) -> None:
         del self.runs[name]
         self._waiting.pop(name, None)
-        self._idle_since[worker] = self.clock()
+        if worker in self._known:  # not deleted: it waits for the next run
+            self._idle_since[worker] = self.clock()
 
     def release(self, name: str) -> None:
         """Free the run's worker for the next run; a worker in trouble (or that lost the run) is deleted."""
