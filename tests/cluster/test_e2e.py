@@ -314,7 +314,8 @@ def test_reused_pods_run_trial_after_trial_through_a_lost_worker_and_a_restart(c
     started = [run for ledger in runs.values() for run in ledger]
     assert len(started) == len(set(started)), f"a run was started twice: {runs}"
     assert any(run.endswith("-a1") for run in started), f"the lost worker's run was not retried: {runs}"
-    assert len(runs) <= 4 < len(started), f"{len(runs)} workers for {len(started)} runs: {runs}"
+    # Workers idle for 10 s go (between the last trial and the final stage, say): at least 2 runs a worker.
+    assert len(runs) <= len(started) // 2, f"{len(runs)} workers for {len(started)} runs: {runs}"
     assert not [p for p in cluster.pod_creations() if p.startswith(name) and not p.startswith(f"{name}-w")]
     assert cluster.core.read_namespaced_secret(f"{name}-worker-token", NAMESPACE).data["token"]
     deadline = time.monotonic() + 60  # idle workers go, so a finished search holds no devices
