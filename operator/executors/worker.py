@@ -132,11 +132,15 @@ def _handler(executor: LocalExecutor, token: str) -> type[BaseHTTPRequestHandler
     return Handler
 
 
-def serve(executor: LocalExecutor, *, host: str, port: int, token: str) -> HTTPServer:
-    """A server for the executor's runs; the caller runs `serve_forever()` (or a test, in a thread)."""
+def _require(token: str) -> str:
     if not token:
         raise ValueError(f"a worker needs a token (set {TOKEN_ENV}); it would otherwise run anyone's trials")
-    return HTTPServer((host, port), _handler(executor, token))
+    return token
+
+
+def serve(executor: LocalExecutor, *, host: str, port: int, token: str) -> HTTPServer:
+    """A server for the executor's runs; the caller runs `serve_forever()` (or a test, in a thread)."""
+    return HTTPServer((host, port), _handler(executor, _require(token)))
 
 
 class WorkerClient:
@@ -179,15 +183,13 @@ class WorkerClient:
 
 def main(args: argparse.Namespace) -> int:
     """`mergesearch worker`: warm the backend, then serve runs until the pod is deleted."""
+    token = _require(os.environ.get(TOKEN_ENV, ""))  # before the warm-up, which takes seconds
     executor = LocalExecutor(
         Path(args.work_dir),
         timeout_seconds=args.timeout_seconds,
         cache_dir=Path(args.cache_dir),
         backend=args.backend,
     )
-    token = os.environ.get(TOKEN_ENV, "")
-    if not token:
-        raise SystemExit(f"a worker needs a token in {TOKEN_ENV}; it would otherwise run anyone's trials")
     executor.warm_up()  # listening only once warm: until then the operator sees a worker that is not ready
     host = args.host or os.environ.get("POD_IP", "127.0.0.1")
     server = serve(executor, host=host, port=args.port or PORT, token=token)

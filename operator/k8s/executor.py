@@ -150,8 +150,11 @@ def gpus(trial: Trial) -> float:
     return float(limits.get("nvidia.com/gpu", 0) or 0)
 
 
-class KubernetesExecutor(Executor):
-    pods_show_progress = True  # a run's pod changes when the run does: no pod changed, nothing to poll
+class PodExecutor(Executor):
+    """What both pod executors share: the search whose pods they create, how its trial pods run, and the
+    watch's view of those pods."""
+
+    pods_show_progress: bool  # whether a run's progress shows in its pod (else the handlers always poll)
 
     def __init__(
         self,
@@ -178,20 +181,30 @@ class KubernetesExecutor(Executor):
             if name in self.pods:
                 del self._created[name]
 
+    def _pod_args(self) -> dict[str, Any]:
+        """What every pod builder takes: whose pod it is and how trial pods run."""
+        return {
+            "search": self.search,
+            "namespace": self.namespace,
+            "owner_uid": self.owner_uid,
+            "trial": self.trial,
+            "s3_secret": self.s3_secret,
+            "settings": self.settings,
+        }
+
+
+class KubernetesExecutor(PodExecutor):
+    pods_show_progress = True  # a run's pod changes when the run does: no pod changed, nothing to poll
+
     def start(self, spec: TrialSpec) -> None:
         if spec.name in self.pods or spec.name in self._created:
             return
         match = RUN_NAME.search(spec.name)
         body = trial_pod(
             spec=spec,
-            search=self.search,
-            namespace=self.namespace,
-            owner_uid=self.owner_uid,
-            trial=self.trial,
-            s3_secret=self.s3_secret,
-            settings=self.settings,
             trial_number=int(match["trial"]) if match else None,
             rung=int(match["rung"]) if match else None,
+            **self._pod_args(),
         )
         self.api.create_pod(self.namespace, body)
         self._created[spec.name] = self.clock()

@@ -27,7 +27,7 @@ from ..search.study import controller_storage, open_study
 from ..spaces import ModelFacts, build_space
 from ..spec import MergeSearchSpec, parse_manifest
 from .api import KubernetesApi, KubernetesApiError
-from .executor import KubernetesExecutor
+from .executor import KubernetesExecutor, PodExecutor
 from .pods import TOKEN_KEY, owner_reference
 from .settings import OperatorSettings
 from .workers import WorkerPodExecutor
@@ -118,7 +118,7 @@ class SearchRuntime:
     name: str
     namespace: str
     controller: SearchController
-    executor: KubernetesExecutor | WorkerPodExecutor
+    executor: PodExecutor
     metrics: SearchMetrics
     refused: list[str] = field(default_factory=list)  # defining fields whose edit was refused
     fingerprint: object = None  # what the last reconcile saw (handlers skip a reconcile that would see the same)
@@ -157,16 +157,22 @@ class SearchRuntime:
             study.set_user_attr(FACTS_ATTR, json.loads(json.dumps(facts.__dict__, default=list)))
         else:
             facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
-        pods = {"api": api, "search": name, "namespace": namespace, "owner_uid": uid, "trial": spec.trial}
-        executor: KubernetesExecutor | WorkerPodExecutor
+        pods = {
+            "api": api,
+            "search": name,
+            "namespace": namespace,
+            "owner_uid": uid,
+            "trial": spec.trial,
+            "s3_secret": s3_secret,
+            "settings": settings,
+        }
+        executor: PodExecutor
         if spec.trial.reuse_pods:
             token_secret = f"{name}-worker-token"
             token = worker_token(api, namespace, token_secret, name, uid)
-            executor = WorkerPodExecutor(
-                **pods, s3_secret=s3_secret, token_secret=token_secret, token=token, settings=settings
-            )
+            executor = WorkerPodExecutor(token_secret=token_secret, token=token, **pods)
         else:
-            executor = KubernetesExecutor(**pods, s3_secret=s3_secret, settings=settings)
+            executor = KubernetesExecutor(**pods)
         metrics = SearchMetrics(namespace, name)
         controller = SearchController(
             name=name,

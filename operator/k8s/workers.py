@@ -24,65 +24,48 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from mergesearch_trial_runner.spec import TrialSpec
 
-from ..executors.base import Executor, RunPhase, RunStatus
+from ..executors.base import RunPhase, RunStatus
 from ..executors.worker import PORT, WorkerClient, WorkerError, WorkerUnreachable
-from ..spec import Trial
-from .api import KubernetesApi
-from .executor import CREATE_GRACE_SECONDS, PodView, failed, gpus, pod_trouble
+from .executor import CREATE_GRACE_SECONDS, PodExecutor, PodView, failed, pod_trouble
 from .pods import worker_pod
-from .settings import OperatorSettings
 
 log = logging.getLogger(__name__)
 
 
-class WorkerPodExecutor(Executor):
+class WorkerPodExecutor(PodExecutor):
     pods_show_progress = False  # runs finish inside workers: the handlers must poll even when no pod changed
 
     def __init__(
         self,
         *,
-        api: KubernetesApi,
-        search: str,
-        namespace: str,
-        owner_uid: str,
-        trial: Trial,
-        s3_secret: str,
         token_secret: str,
         token: str,
-        settings: OperatorSettings,
-        clock: Callable[[], float] = time.time,
         connect: Callable[[str, str], WorkerClient] = WorkerClient,
+        **pod_executor: Any,
     ):
-        self.api, self.search, self.namespace, self.owner_uid = api, search, namespace, owner_uid
-        self.trial, self.s3_secret, self.settings, self.clock = trial, s3_secret, settings, clock
+        super().__init__(**pod_executor)
         self.token_secret, self.token, self.connect = token_secret, token, connect
-        self.accelerators_per_run = gpus(trial)
-        self.worker_name = re.compile(rf"^{re.escape(search)}-w\d+$")
-        self.pods: dict[str, PodView] = {}  # this search's workers, as the watch last saw them
+        self.worker_name = re.compile(rf"^{re.escape(self.search)}-w\d+$")
         self.runs: dict[str, str] = {}  # run -> its worker
         self._waiting: dict[str, TrialSpec] = {}  # runs whose worker has not taken them yet
         self._lost: dict[str, str] = {}  # run -> why it is lost (until released)
-        self._created: dict[str, float] = {}  # workers created by this executor, not yet seen by the watch
         self._deleted: set[str] = set()  # workers deleted by this executor, still in the watch's view
         self._contact: dict[str, float] = {}  # worker -> its last answer (or its creation)
         self._idle_since: dict[str, float] = {}
         self._known: set[str] = set()  # workers whose runs this executor knows (it made them, or asked)
-        self._born = clock()
+        self._born = self.clock()
 
     # --- the workers ------------------------------------------------------------------------------------
 
     def observe(self, pods: Mapping[str, PodView]) -> None:
         """Take the watch's view of the search's pods; find the runs of workers not known yet; delete
         workers idle too long."""
-        self.pods = {name: pod for name, pod in pods.items() if self.worker_name.match(name)}
-        for name in list(self._created):
-            if name in self.pods:
-                del self._created[name]
+        super().observe({name: pod for name, pod in pods.items() if self.worker_name.match(name)})
         self._deleted &= set(self.pods)
         now = self.clock()
         for name, pod in self.pods.items():
@@ -122,16 +105,7 @@ class WorkerPodExecutor(Executor):
     def _create(self) -> str:
         taken = set(self.pods) | set(self._created) | self._deleted  # a name comes free once its pod is gone
         name = next(f"{self.search}-w{i}" for i in itertools.count() if f"{self.search}-w{i}" not in taken)
-        body = worker_pod(
-            name=name,
-            search=self.search,
-            namespace=self.namespace,
-            owner_uid=self.owner_uid,
-            trial=self.trial,
-            s3_secret=self.s3_secret,
-            token_secret=self.token_secret,
-            settings=self.settings,
-        )
+        body = worker_pod(name=name, token_secret=self.token_secret, **self._pod_args())
         self.api.create_pod(self.namespace, body)
         log.info("created worker %s", name)
         now = self.clock()
