@@ -5,21 +5,22 @@ saves anything. One trial = TIES of three experts onto SmolLM2-135M-Instruct (as
 makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each executor runs it:
 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
-- warm: as `mergesearch run` runs it: a child of the local executor's fork server, which has imported
-  what the backend's trials import and frozen that heap out of the garbage collector's reach, timed
-  over the child's whole life (it exits right after its report, without closing its evaluator);
+- warm: a child of the local executor's fork server, which has imported what the backend's trials
+  import and frozen that heap out of the garbage collector's reach, timed over the child's whole life
+  (it exits right after its report, without closing its evaluator); for `vllm` with an engine of its
+  own (`keep_engine: false`), as `mergesearch run` ran it before the engine host;
+- kept (`vllm` only): as `mergesearch run` runs it now: a child of a fork server whose engine host
+  already runs an engine, into which the trial loads its merge in place (`keep_engine`, the default);
+  the fork server's first run, which starts that engine, is timed apart ("first");
 - worker: as a reused trial pod (`spec.trial.reusePods`) runs it: handed to a `mergesearch worker`
   process over HTTP and polled there, timed from the hand-over to the poll that sees it finished (the
   worker's own start, once for all its runs, is not in it; nor is the operator's reconcile interval,
-  which a pod per run waits for just the same);
-- imports only: forked from a process that imported torch, transformers and the backend's top module
-  and froze nothing, and closing its evaluator before it reports, as the fork server's children did
-  before (the alternative, measured in the same run);
+  which a pod per run waits for just the same); its first run is timed apart too ("first");
 
 for both backends: `hf` merges straight into memory, `vllm` writes the merge to a scratch directory on
-local disk and starts an engine from it. Weights come from the node cache (already filled: the cache's
-job is that a node downloads once). Reported: each phase's seconds and the fixed share of the trial,
-medians over rounds in which the backends alternate and the modes take turns at going first.
+local disk and evaluates it with an engine. Weights come from the node cache (already filled: the
+cache's job is that a node downloads once). Reported: each phase's seconds and the fixed share of the
+trial, medians over rounds in which the backends alternate and the modes take turns at going first.
 
     python bench/trial_breakdown.py [--samples 100] [--rounds 3]
 """
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib
 import json
 import os
 import random
@@ -44,7 +44,6 @@ from pathlib import Path
 from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
 from mergesearch_operator.executors.worker import TOKEN_ENV, WorkerClient
-from mergesearch_trial_runner.cli import PRELOAD
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
 
@@ -95,23 +94,34 @@ def run_cold(spec_file: Path) -> tuple[TrialResult, float]:
     return TrialResult.model_validate_json(cold.stdout.strip().splitlines()[-1]), time.perf_counter() - started
 
 
-def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
+def run_forked(executor: LocalExecutor, spec: TrialSpec) -> tuple[TrialResult, float]:
     """One run through the local executor, forked by its fork server (preloaded for the spec's backend),
     and the child's whole life: from its start (its pid record) to its exit (the exit code the server
     writes when it reaps it), so that whatever the child does after its report counts too. The
     server's own start is not in it."""
-    executor = LocalExecutor(work_dir, timeout_seconds=600, cache_dir=Path(spec.cache_dir), backend=spec.backend)
     executor.start(spec)
     while (status := executor.poll(spec.name)).phase == RunPhase.RUNNING:
         time.sleep(0.2)
     run_dir = executor.runs_dir / spec.name
     while not (run_dir / "exit_code").exists():
         time.sleep(0.05)
-    executor.close()
     if status.result is None or not status.result.ok:
-        raise SystemExit(f"the warm {spec.backend} run failed: {status.reason}")
+        raise SystemExit(f"the {spec.backend} run {spec.name} failed: {status.reason}")
     started = json.loads((run_dir / "pid").read_text())["started"]
-    return status.result, (run_dir / "exit_code").stat().st_mtime - started
+    wall = (run_dir / "exit_code").stat().st_mtime - started
+    executor.release(spec.name)
+    return status.result, wall
+
+
+def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
+    """One run as the first and only run of a new fork server; for vllm with an engine of its own."""
+    if spec.backend == "vllm":
+        spec = spec.model_copy(update={"engine_args": {**spec.engine_args, "keep_engine": False}})
+    executor = LocalExecutor(work_dir, timeout_seconds=600, cache_dir=Path(spec.cache_dir), backend=spec.backend)
+    try:
+        return run_forked(executor, spec)
+    finally:
+        executor.close()
 
 
 def start_worker(backend: str, work_dir: Path, cache_dir: Path, port: int) -> tuple[subprocess.Popen, WorkerClient]:
@@ -146,26 +156,6 @@ def run_on_worker(client: WorkerClient, spec: TrialSpec) -> tuple[TrialResult, f
     return status.result, wall
 
 
-def run_forked(spec: TrialSpec) -> tuple[TrialResult, None]:
-    """One run in a child forked from this process, which has imported torch, transformers and the
-    backend's top module only, with its heap left to the garbage collector: the fork server before
-    `cli.warmed_up`, the alternative the warm runs are compared with."""
-    from mergesearch_trial_runner.cli import run_trial
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        with os.fdopen(write_end, "w") as out:
-            out.write(run_trial(spec).model_dump_json())
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as received:
-        text = received.read()
-    os.waitpid(pid, 0)
-    return TrialResult.model_validate_json(text), None  # timed by the run itself
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=100)
@@ -186,57 +176,67 @@ def main() -> None:
         "max_new_tokens": 64,
         "answer_pattern": r"(-?\d+)\D*$",  # the last number: the model restates the sum first
     }
-    modes = ("cold", "warm", "worker", "imports_only")
-    rounds: dict[str, dict[str, list[dict]]] = {b: {mode: [] for mode in modes} for b in args.backends}
+
+    def spec_for(backend: str, name: str) -> TrialSpec:
+        return TrialSpec(
+            name=name,
+            plan=ties_plan(root),
+            tasks=[task],
+            ranges={"arith": (0, args.samples)},
+            backend=backend,
+            engine_args=ENGINE[backend],
+            device="cpu",
+            cache_dir=str(scratch / "cache"),
+            scratch_dir=str(scratch / backend),
+        )
+
+    def row(result: TrialResult, wall: float, mode: str) -> dict:
+        timings = dict(result.timings)
+        if mode == "cold":
+            timings["imports_and_startup"] = round(wall - timings["total"], 3)
+        return {
+            **timings,
+            "wall": round(wall, 3),
+            "fixed_share": round((wall - timings["evaluate"]) / wall, 3),
+            "generated_tokens": result.generated_tokens,
+            "accuracy": result.tasks["arith"].correct / args.samples,
+        }
+
+    modes = {
+        backend: ("cold", "warm", "kept", "worker") if backend == "vllm" else ("cold", "warm", "worker")
+        for backend in args.backends
+    }
+    rounds: dict[str, dict[str, list[dict]]] = {b: {mode: [] for mode in modes[b]} for b in args.backends}
     workers = {
         backend: start_worker(backend, scratch / f"{backend}-worker", scratch / "cache", 18080 + i)
         for i, backend in enumerate(args.backends)
     }
-    # What the fork server imported before `cli.warmed_up`, for the imports-only runs forked from here.
-    for module in PRELOAD:
-        importlib.import_module(module)
+    kept = LocalExecutor(scratch / "vllm-kept", timeout_seconds=600, cache_dir=scratch / "cache", backend="vllm")
+    # The first run of a worker, and of the kept fork server, starts what the later runs keep: timed apart.
+    first: dict[str, dict[str, dict]] = {b: {} for b in args.backends}
     for backend in args.backends:
-        importlib.import_module({"hf": "mergesearch_trial_runner.evaluate.hf_backend", "vllm": "vllm"}[backend])
+        first[backend]["worker"] = row(*run_on_worker(workers[backend][1], spec_for(backend, "first-worker")), "worker")
+        if backend == "vllm":
+            first[backend]["kept"] = row(*run_forked(kept, spec_for(backend, "first-kept")), "kept")
+        print(backend, "first", json.dumps(first[backend]), flush=True)
     for round_ in range(args.rounds):  # the backends alternate, so a slow spell of the machine hits both
         for backend in args.backends:
-            spec = TrialSpec(
-                name=f"breakdown-{backend}-{round_}",
-                plan=ties_plan(root),
-                tasks=[task],
-                ranges={"arith": (0, args.samples)},
-                backend=backend,
-                engine_args=ENGINE[backend],
-                device="cpu",
-                cache_dir=str(scratch / "cache"),
-                scratch_dir=str(scratch / backend),
-            )
+            spec = spec_for(backend, f"breakdown-{backend}-{round_}")
             spec_file = scratch / f"{backend}.json"
             spec_file.write_text(spec.model_dump_json())
-            runners: dict[str, Callable[[], tuple[TrialResult, float | None]]] = {
+            runners: dict[str, Callable[[], tuple[TrialResult, float]]] = {
                 "cold": functools.partial(run_cold, spec_file),
                 "warm": functools.partial(run_warm, spec, scratch / f"{backend}-local"),
+                "kept": functools.partial(run_forked, kept, spec),
                 "worker": functools.partial(run_on_worker, workers[backend][1], spec),
-                "imports_only": functools.partial(run_forked, spec),
             }
             # The modes take turns at going first: a run slows the next (its merged checkpoint is still
             # being written back to disk), and no mode should always come after the same one.
-            for mode in modes[round_ % len(modes) :] + modes[: round_ % len(modes)]:
-                result, wall = runners[mode]()
-                timings = dict(result.timings)
-                total = wall if wall is not None else timings["total"]
-                if mode == "cold":
-                    timings["imports_and_startup"] = round(total - timings["total"], 3)
-                fixed = total - timings["evaluate"]
-                rounds[backend][mode].append(
-                    {
-                        **timings,
-                        "wall": round(total, 3),
-                        "fixed_share": round(fixed / total, 3),
-                        "generated_tokens": result.generated_tokens,
-                        "accuracy": result.tasks["arith"].correct / args.samples,
-                    }
-                )
+            order = modes[backend][round_ % len(modes[backend]) :] + modes[backend][: round_ % len(modes[backend])]
+            for mode in order:
+                rounds[backend][mode].append(row(*runners[mode](), mode))
             print(backend, round_, json.dumps({m: rows[-1] for m, rows in rounds[backend].items()}), flush=True)
+    kept.close()
     for process, _ in workers.values():
         process.terminate()
     results = {
@@ -252,6 +252,7 @@ def main() -> None:
                 "samples": args.samples,
                 "plan": "TIES, 3 experts, SmolLM2-135M bf16",
                 "medians": results,
+                "first_runs": first,
                 "rounds": rounds,
             },
             indent=2,

@@ -21,6 +21,20 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
 # torch.save / pickle formats: opening one runs arbitrary code, so they are never read (nor downloaded).
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+# Files besides config.json and the weights that make a model directory usable: tokenizer, chat template,
+# generation defaults. A merge carries them over from its config model.
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 
 # Bytes per element of each safetensors dtype name.
 DTYPE_SIZES = {

@@ -3,8 +3,10 @@
 fetch the models (through the node's cache) -> merge the plan -> evaluate the asked sample ranges ->
 report. With the `hf` backend the merged model never touches the disk (it is merged into memory and
 loaded from there); vLLM loads from a directory, so the merge is written to the scratch directory
-first. The report is a `TrialResult`: on stdout, in the spec's result file and in
-/dev/termination-log when it exists; the exit code says whether a retry can help (see `spec`).
+first. A run of a fork server evaluates with vLLM in the server's engine host, which loads the merge
+into an engine it keeps running (`evaluate.engine_host`). The report is a `TrialResult`: on stdout, in
+the spec's result file and in /dev/termination-log when it exists; the exit code says whether a retry
+can help (see `spec`).
 
 A trial process exits as soon as it has reported, without tearing the evaluator down or finalizing
 the interpreter (`os._exit`): the exit frees the memory anyway, and a vLLM engine's orderly shutdown
@@ -99,7 +101,9 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     """Run one trial in this process. The evaluator is closed before this returns, unless `keep_open` is
     given: then it is left to that stack (a trial process reports first and never closes it)."""
     from .evaluate.base import InMemoryModel
+    from .evaluate.engine_host import HostAddress, HostedEvaluator
     from .evaluate.registry import open_evaluator, validate_settings
+    from .evaluate.settings import VLLMSettings
     from .merge.engine import merge_to_directory, merge_to_state_dict
 
     started = time.perf_counter()
@@ -134,10 +138,15 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
 
     counts: dict[str, Counts] = {}
     generated = 0
+    # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`).
+    host = HostAddress.from_environment() if isinstance(settings, VLLMSettings) and settings.keep_engine else None
     with contextlib.ExitStack() as closes_here:
-        evaluator = (keep_open or closes_here).enter_context(
-            open_evaluator(spec.backend, model=model, settings=settings)
-        )
+        if host is None:
+            evaluator = (keep_open or closes_here).enter_context(
+                open_evaluator(spec.backend, model=model, settings=settings)
+            )
+        else:
+            evaluator = closes_here.enter_context(HostedEvaluator(address=host, model=model, settings=settings))
         mark = lap("load", mark)
         for task in spec.tasks:
             result = evaluator.evaluate(task=task, samples=samples[task.name])

@@ -8,18 +8,32 @@ Each child is a run like any other: its own session (it outlives the server and 
 killed as a group), its pid record in the run directory (so a restarted controller re-attaches to it),
 its log, its result file, its exit code (written by the server when it reaps the child).
 
-On a cluster each trial is its own pod and this is not used.
+A fork server for the `vllm` backend also forks engine hosts (`evaluate.engine_host`), one per run that
+may run at once, each keeping a vLLM engine across runs, so that a run loads its merge into a running
+engine instead of starting one. The server holds the hosts' listening socket (runs that connect while no
+host is free wait in its queue), starts another host when one dies while runs remain, and kills the
+hosts when it leaves.
+
+On a cluster a pod per trial does not use this; a reused trial pod (a `mergesearch worker`) does.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import ctypes
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from .evaluate.engine_host import EngineHost, HostAddress
+
+PR_SET_PDEATHSIG = 1
 
 
 def process_start_time(pid: int) -> int | None:
@@ -59,16 +73,72 @@ def _child(run_dir: Path) -> None:
         os._exit(1)
 
 
-def serve(backends: list[str]) -> None:
+class EngineHosts:
+    """The fork server's engine hosts, one per run it may run at once, all serving one listening socket
+    (the kernel hands each connection to one host that waits in `accept`): forked when runs need them,
+    again after one died, killed at the end."""
+
+    def __init__(self, log: Path, count: int) -> None:
+        # A Unix socket's path has at most 107 bytes: a short directory of its own, not the work directory.
+        self.directory = Path(tempfile.mkdtemp(prefix="mergesearch-engine-"))
+        self.address = HostAddress.new(self.directory)
+        self.listener = self.address.listen()
+        self.log = log
+        self.count = count
+        self.pids: set[int] = set()
+        os.environ.update(self.address.environment())  # every run forked from now on finds the hosts
+
+    def ensure_running(self) -> None:
+        """Fork hosts until `count` run (with SIGCHLD blocked or in its handler, so that `exited` sees
+        every pid)."""
+        server = os.getpid()
+        while len(self.pids) < self.count:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+                    # Die with the server even when it is killed: a host left behind would hold an engine.
+                    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                    if os.getppid() != server:
+                        os._exit(1)
+                    log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                    os.dup2(log, 1)
+                    os.dup2(log, 2)
+                    EngineHost().serve(self.listener)
+                finally:
+                    os._exit(1)
+            self.pids.add(pid)
+
+    def exited(self, pid: int) -> bool:
+        if pid not in self.pids:
+            return False
+        self.pids.discard(pid)
+        return True
+
+    def stop(self) -> None:
+        for pid in self.pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.listener.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def serve(backends: list[str], engine_host_log: Path, engine_hosts: int) -> None:
     from .cli import warmed_up
 
     # Frozen, the preloaded heap is also shared with the children without being copied: a collection
     # that skips an object does not write to its page.
     with warmed_up(backends):
-        _fork_runs()
+        hosts = EngineHosts(engine_host_log, engine_hosts) if "vllm" in backends else None
+        try:
+            _fork_runs(hosts)
+        finally:
+            if hosts is not None:
+                hosts.stop()
 
 
-def _fork_runs() -> None:
+def _fork_runs(hosts: EngineHosts | None) -> None:
     """Fork a child for each run directory read from stdin; once stdin closes, wait for the children."""
     children: dict[int, Path] = {}
 
@@ -81,6 +151,10 @@ def _fork_runs() -> None:
                 return
             if pid == 0:
                 return
+            if hosts is not None and hosts.exited(pid):
+                if children:  # runs that connect meanwhile wait in the listener's queue for the next host
+                    hosts.ensure_running()
+                continue  # the run it served, if any, fails on its own (infrastructure, retried)
             run_dir = children.pop(pid, None)
             # A run that left a result may already be collected and its directory released.
             if run_dir is not None and run_dir.is_dir():
@@ -94,6 +168,8 @@ def _fork_runs() -> None:
         if not run_dir.is_dir():
             continue
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the child before reaping it
+        if hosts is not None:
+            hosts.ensure_running()
         pid = os.fork()
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -107,4 +183,13 @@ def _fork_runs() -> None:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1:])
+    parser = argparse.ArgumentParser(description="fork a trial run for each run directory read from stdin")
+    parser.add_argument("backends", nargs="*", help="the evaluation backends whose imports the runs share")
+    parser.add_argument("--engine-host-log", type=Path, default=Path("engine-host.log"), help="the engine hosts' log")
+    parser.add_argument("--engine-hosts", type=int, default=1, help="vllm engines kept: the runs that may run at once")
+    args = parser.parse_args()
+    serve(args.backends, args.engine_host_log, args.engine_hosts)
+    # Leave without finalizing the interpreter: with vLLM imported that took 1.9 s of CPU, which slowed
+    # whatever ran next on the machine (a later trial's merge, by 2-3 s on 2 cores).
+    sys.stdout.flush()
+    os._exit(0)

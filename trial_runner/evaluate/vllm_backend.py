@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from ..checkpoint import CARRIED_FILES
 from .base import Evaluator, InMemoryModel, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
 from .settings import Device, EngineLaunch, VLLMSettings
@@ -56,6 +58,30 @@ def _engine_environment(env: Mapping[str, str]) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def model_directory(model: ModelSource) -> Path:
+    """The model directory an engine loads, or the error a user can act on."""
+    if isinstance(model, InMemoryModel):
+        raise TypeError(
+            "the vllm backend loads a model directory, not an in-memory state dict: "
+            "write the merge with merge_to_directory (to local disk or tmpfs), or use the hf backend"
+        )
+    path = Path(model)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+    return path
+
+
+def engine_identity(model: Path, settings: VLLMSettings) -> str:
+    """What an engine is built for, as a digest: the settings, config.json and the tokenizer's and
+    generation files. Two models of one identity differ in their weights only, which an engine can load
+    in place (`VLLMEvaluator.load_weights`)."""
+    digest = hashlib.sha256(settings.model_dump_json().encode())
+    for name in ("config.json", *CARRIED_FILES):
+        if (model / name).is_file():
+            digest.update(name.encode() + b"\0" + (model / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def check_engine_args(engine_args: Mapping[str, object]) -> None:
@@ -110,15 +136,9 @@ class VLLMEvaluator(Evaluator):
             importlib.import_module(module)
 
     def __init__(self, *, model: ModelSource, settings: VLLMSettings) -> None:
-        if isinstance(model, InMemoryModel):
-            raise TypeError(
-                "the vllm backend loads a model directory, not an in-memory state dict: "
-                "write the merge with merge_to_directory (to local disk or tmpfs), or use the hf backend"
-            )
-        path = Path(model)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path}: not a model directory (no config.json)")
+        path = model_directory(model)
         self.settings = settings
+        self.built_for = engine_identity(path, settings)
         self.device = current_device()
         model_config = json.loads((path / "config.json").read_text())
         self.launch: EngineLaunch = settings.resolve(self.device, model_config)
@@ -169,6 +189,13 @@ class VLLMEvaluator(Evaluator):
                 total += per_position[position][token].logprob
             scores.append(total)
         return scores
+
+    def load_weights(self, model: Path) -> None:
+        """Load the weights of another model that `engine_identity` says this engine was built for, in
+        place (vLLM's `reload_weights` also processes them for the device's kernels), and drop the
+        prefix cache, whose keys and values were computed with the old weights."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model)})
+        self.llm.reset_prefix_cache()
 
     def _release(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

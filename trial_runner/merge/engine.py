@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import DTYPE_SIZES, Checkpoint
+from ..checkpoint import CARRIED_FILES, DTYPE_SIZES, Checkpoint
 from ..plan.ir import MergePlan, Scalar
 from ..plan.tensors import TensorOp, plan_tensors
 from .io import TORCH_DTYPES, OutputTensor, StreamingCheckpointWriter, TensorReader
@@ -32,19 +32,6 @@ PLAN_FILE = "mergesearch_plan.json"
 # TIES of several experts keeps a few tens of MiB live. DARE's random draws depend on it (they are
 # seeded per chunk), so changing it changes DARE's bits.
 CHUNK_ELEMENTS = 1 << 20
-# Files besides the weights that make a model directory usable: tokenizer, chat template, generation defaults.
-_CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 ReadChunk = Callable[[int, int], Chunk]  # (start, end) element range -> the inputs' float32 values there
 
@@ -218,7 +205,7 @@ def merge_to_state_dict(
 def write_model_files(out_dir: Path, config: Mapping[str, Any], tokenizer_dir: Path, plan: MergePlan) -> None:
     """config.json, the tokenizer and generation files of the config model, and the plan as a recipe."""
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    for name in _CARRIED_FILES:
+    for name in CARRIED_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copyfile(tokenizer_dir / name, out_dir / name)
     (out_dir / PLAN_FILE).write_text(plan.to_json())

@@ -1,0 +1,214 @@
+"""One vLLM engine for many trials: the engine hosts of a fork server.
+
+Starting an engine (building the model, allocating the KV cache, reading the weights) took 3.0 s of a
+13.6 s vLLM trial at the lowest fidelity; loading a merge into a running engine takes 0.4 s
+(bench/trial_breakdown.py, SmolLM2-135M on 2 cores). A fork server that runs `vllm`
+trials (a local search, a reused trial pod) therefore forks engine hosts beside its runs, one per run it
+may run at once. A trial merges into its scratch directory as before, then hands that directory to a
+host, which loads the weights into the engine it already runs, in place (`VLLMEvaluator.load_weights`).
+A host starts an engine again only when the model is not one its engine can take: another
+`engine_identity` (a depth-wise merge with another number of layers, other tokenizer files, other
+settings) or another thread count.
+
+A trial keeps everything that decides a score (prompts, token budgets, stop handling, extraction):
+its `HostedEvaluator` is a backend whose two primitives (greedy generation and continuation
+log-likelihood, on token ids) run in the host's `VLLMEvaluator`. A hosted trial scores exactly as a
+trial with its own engine.
+
+The wire: a Unix socket through `multiprocessing.connection`, which authenticates every client with
+the fork server's random key, carrying JSON as bytes (nothing is unpickled). The hosts share one
+listening socket, and a host serves one client at a time, from loading its weights to closing its
+evaluator. A trial that is killed frees its host once the engine has finished the call in progress. If
+a host dies, its trial fails as an infrastructure error (retried) and the fork server starts another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from .base import Evaluator, ModelSource
+from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
+from .settings import VLLMSettings
+
+if TYPE_CHECKING:
+    from .vllm_backend import VLLMEvaluator
+
+SOCKET_ENV = "MERGESEARCH_ENGINE_HOST"
+KEY_ENV = "MERGESEARCH_ENGINE_HOST_KEY"
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    """Where a fork server's engine host listens, and the key its clients authenticate with. The fork
+    server puts both in its children's environment."""
+
+    socket: str
+    key: bytes
+
+    @classmethod
+    def new(cls, directory: Path) -> HostAddress:
+        return cls(str(directory / "engine-host.sock"), os.urandom(32))
+
+    def listen(self) -> Listener:
+        return Listener(self.socket, family="AF_UNIX", backlog=64, authkey=self.key)
+
+    @classmethod
+    def from_environment(cls) -> HostAddress | None:
+        socket = os.environ.get(SOCKET_ENV)
+        return cls(socket, bytes.fromhex(os.environ[KEY_ENV])) if socket else None
+
+    def environment(self) -> dict[str, str]:
+        return {SOCKET_ENV: self.socket, KEY_ENV: self.key.hex()}
+
+
+class EngineHostLost(RuntimeError):
+    """The host went away during a request (killed, out of memory): an infrastructure failure."""
+
+
+class EngineHost:
+    """Serves one client at a time, with one engine that outlives its clients."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.engine: VLLMEvaluator | None = None
+        self.built_for: tuple[str, int] | None = None  # the engine's identity and torch threads
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process; later engines
+        # still need the real one.
+        self._set_torch_threads = torch.set_num_threads
+
+    def serve(self, listener: Listener) -> NoReturn:
+        """Serve the clients of `listener` until the process is killed. The fork server opens the
+        listener and keeps it: clients that connect while a host starts, or after one died, wait in its
+        queue for the next host."""
+        print(f"engine host {os.getpid()}: serving {listener.address}", flush=True)
+        while True:
+            try:
+                connection = listener.accept()
+            except OSError as error:  # includes a client that failed to authenticate
+                print(f"engine host: refused a client: {error}", flush=True)
+                continue
+            with connection:
+                self._serve_client(connection)
+
+    def _serve_client(self, connection: Connection) -> None:
+        while True:
+            try:
+                request = json.loads(connection.recv_bytes())
+            except (EOFError, OSError):  # the trial closed its evaluator, or was killed
+                return
+            try:
+                reply = {"ok": True, **self._handle(request)}
+            except Exception as error:  # reported to the trial, which classifies and reports it
+                user_error = isinstance(error, ValueError | TypeError | FileNotFoundError)
+                reply = {"ok": False, "error": f"{type(error).__name__}: {error}", "user_error": user_error}
+                print(f"engine host: {request.get('op')} failed: {reply['error']}", flush=True)
+                if not user_error:  # the engine may be broken: the next trial starts a new one
+                    self._drop_engine()
+            try:
+                connection.send_bytes(json.dumps(reply).encode())
+            except OSError:
+                return
+
+    def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request["op"]
+        if op == "load":
+            settings = VLLMSettings.model_validate(request["settings"])
+            return self._load(Path(request["model"]), settings, threads=int(request["threads"]))
+        if self.engine is None:
+            raise RuntimeError(f"{op} before load: the engine host has no model loaded")
+        # The host runs the vllm backend's own primitives (a friend of `VLLMEvaluator`).
+        if op == "generate":
+            requests = [GenerationRequest(**r) for r in request["requests"]]
+            return {"tokens": self.engine._generate(requests, stop=request["stop"])}
+        if op == "loglikelihoods":
+            requests_ = [ContinuationRequest(**r) for r in request["requests"]]
+            return {"scores": self.engine._loglikelihoods(requests_)}
+        raise ValueError(f"unknown engine host request {op!r}")
+
+    def _load(self, model: Path, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
+        from .vllm_backend import VLLMEvaluator, engine_identity, model_directory
+
+        started = time.perf_counter()
+        wanted = (engine_identity(model_directory(model), settings), threads)
+        reused = self.engine is not None and self.built_for == wanted
+        if self.engine is not None and reused:
+            self.engine.load_weights(model)
+        else:
+            self._drop_engine()
+            # The engine computes on torch's threads as they are when it starts (vLLM ignores later
+            # changes): the trial's, as if the engine ran in the trial's process.
+            self._set_torch_threads(threads)
+            self.engine = VLLMEvaluator(model=model, settings=settings)
+            self.built_for = wanted
+        seconds = time.perf_counter() - started
+        done = "loaded weights in place from" if reused else "started an engine for"
+        print(f"engine host: {done} {model} in {seconds:.2f} s", flush=True)
+        return {"reused": reused, "seconds": seconds, "context_len": self.engine.prompts.context_len}
+
+    def _drop_engine(self) -> None:
+        if self.engine is not None:
+            engine, self.engine = self.engine, None
+            engine.close()
+
+
+class HostedEvaluator(Evaluator):
+    """The vllm backend with its engine in the fork server's engine host (see the module's doc)."""
+
+    name = "vllm"
+
+    @classmethod
+    def preload(cls) -> None:
+        """Nothing beyond transformers (its tokenizer), which every trial process imports."""
+
+    def __init__(self, *, address: HostAddress, model: ModelSource, settings: VLLMSettings) -> None:
+        from transformers import AutoTokenizer
+
+        from .vllm_backend import model_directory
+
+        path = model_directory(model).resolve()
+        self._connection = Client(address.socket, family="AF_UNIX", authkey=address.key)
+        import torch
+
+        # The trial's threads (its share of the cores) are the engine's, as in the trial's own process.
+        threads = torch.get_num_threads()
+        loaded = self._call("load", model=str(path), settings=settings.model_dump(mode="json"), threads=threads)
+        self.reused_engine: bool = loaded["reused"]
+        print(
+            f"engine host: {'loaded weights in place' if self.reused_engine else 'started an engine'}"
+            f" in {loaded['seconds']:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        super().__init__(prompts=PromptBuilder(tokenizer, loaded["context_len"], stop_token_ids(tokenizer, path)))
+
+    def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        try:
+            self._connection.send_bytes(json.dumps({"op": op, **fields}).encode())
+            reply = json.loads(self._connection.recv_bytes())
+        except (EOFError, OSError) as error:
+            raise EngineHostLost(
+                f"the engine host went away during {op} ({error or 'connection closed'}); "
+                "see engine-host.log beside the runs"
+            ) from None
+        if not reply["ok"]:
+            raise (ValueError if reply["user_error"] else RuntimeError)(f"engine host: {reply['error']}")
+        return reply
+
+    def _generate(self, requests: Sequence[GenerationRequest], *, stop: Sequence[str]) -> list[list[int]]:
+        return self._call("generate", requests=[asdict(r) for r in requests], stop=list(stop))["tokens"]
+
+    def _loglikelihoods(self, requests: Sequence[ContinuationRequest]) -> list[float]:
+        return self._call("loglikelihoods", requests=[asdict(r) for r in requests])["scores"]
+
+    def _release(self) -> None:
+        self._connection.close()
