@@ -31,6 +31,8 @@ from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import Counts, TrialSpec
 from mergesearch_trial_runner.store import ModelStore
 
+from .runs import run_to_the_end
+
 pytestmark = pytest.mark.slow
 
 # Blocks of 32 tokens (the least on CPU): the few-shot prefix and BOS fill one, which prefix caching keeps.
@@ -78,15 +80,6 @@ def outcome(status: RunStatus) -> tuple[Counts, int]:
     assert status.phase == RunPhase.SUCCEEDED, status.reason
     assert status.result is not None
     return status.result.tasks["reverse"], status.result.generated_tokens
-
-
-def run_to_the_end(executor: LocalExecutor, spec: TrialSpec) -> RunStatus:
-    executor.start(spec)
-    deadline = time.monotonic() + 300
-    while (status := executor.poll(spec.name)).phase == RunPhase.RUNNING:
-        assert time.monotonic() < deadline, "the run never finished"
-        time.sleep(0.2)
-    return status
 
 
 def host_pids(executor: LocalExecutor) -> list[int]:

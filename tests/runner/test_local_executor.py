@@ -7,7 +7,6 @@ Each run's torch would otherwise use every core, and parallel runs would oversub
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -16,14 +15,12 @@ from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
 from mergesearch_trial_runner.spec import TrialSpec
 
+from .runs import run_to_the_end
 
-def run_to_the_end(executor: LocalExecutor, spec: TrialSpec) -> TrialSpec:
+
+def spec_as_run(executor: LocalExecutor, spec: TrialSpec) -> TrialSpec:
     """Run `spec`; the spec the run was given, as written into its directory."""
-    executor.start(spec)
-    deadline = time.monotonic() + 300
-    while (status := executor.poll(spec.name)).phase == RunPhase.RUNNING:
-        assert time.monotonic() < deadline, "the run never finished"
-        time.sleep(0.2)
+    status = run_to_the_end(executor, spec)
     assert status.phase == RunPhase.SUCCEEDED, status.reason
     return TrialSpec.model_validate_json((executor.runs_dir / spec.name / "spec.json").read_text())
 
@@ -33,8 +30,8 @@ def test_parallel_runs_get_a_share_of_the_cores_unless_the_spec_says(trial_spec:
     cores = len(os.sched_getaffinity(0))
     executor = LocalExecutor(tmp_path / "work", timeout_seconds=300, parallel_runs=cores)
     try:
-        shared = run_to_the_end(executor, trial_spec.model_copy(update={"name": "shared"}))
-        explicit = run_to_the_end(executor, trial_spec.model_copy(update={"name": "explicit", "cpu_threads": 3}))
+        shared = spec_as_run(executor, trial_spec.model_copy(update={"name": "shared"}))
+        explicit = spec_as_run(executor, trial_spec.model_copy(update={"name": "explicit", "cpu_threads": 3}))
     finally:
         executor.close()
     assert shared.cpu_threads == 1

@@ -156,7 +156,7 @@ class EngineHost:
 
     def _drop_engine(self) -> None:
         if self.engine is not None:
-            engine, self.engine = self.engine, None
+            engine, self.engine, self.built_for = self.engine, None, None
             engine.close()
 
 
@@ -170,24 +170,18 @@ class HostedEvaluator(Evaluator):
         """Nothing beyond transformers (its tokenizer), which every trial process imports."""
 
     def __init__(self, *, address: HostAddress, model: ModelSource, settings: VLLMSettings) -> None:
+        import torch
         from transformers import AutoTokenizer
 
         from .vllm_backend import model_directory
 
         path = model_directory(model).resolve()
         self._connection = Client(address.socket, family="AF_UNIX", authkey=address.key)
-        import torch
-
         # The trial's threads (its share of the cores) are the engine's, as in the trial's own process.
         threads = torch.get_num_threads()
         loaded = self._call("load", model=str(path), settings=settings.model_dump(mode="json"), threads=threads)
-        self.reused_engine: bool = loaded["reused"]
-        print(
-            f"engine host: {'loaded weights in place' if self.reused_engine else 'started an engine'}"
-            f" in {loaded['seconds']:.2f} s",
-            file=sys.stderr,
-            flush=True,
-        )
+        done = "loaded weights in place" if loaded["reused"] else "started an engine"
+        print(f"engine host: {done} in {loaded['seconds']:.2f} s", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         super().__init__(prompts=PromptBuilder(tokenizer, loaded["context_len"], stop_token_ids(tokenizer, path)))
 
