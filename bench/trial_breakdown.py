@@ -22,7 +22,7 @@ local disk and evaluates it with an engine. Weights come from the node cache (al
 cache's job is that a node downloads once). Reported: each phase's seconds and the fixed share of the
 trial, medians over rounds in which the backends alternate and the modes take turns at going first.
 
-    python bench/trial_breakdown.py [--samples 100] [--rounds 3]
+    python bench/trial_breakdown.py [--samples 100] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--work-dir", default=".cache/bench/merge")
     parser.add_argument("--results", default="bench/results/trial_breakdown.json")
     parser.add_argument("--backends", nargs="+", default=["hf", "vllm"])
-    parser.add_argument("--rounds", type=int, default=3, help="each phase is reported as its median over rounds")
+    # 4 rounds: each of vLLM's 4 modes goes first once.
+    parser.add_argument("--rounds", type=int, default=4, help="each phase is reported as its median over rounds")
     args = parser.parse_args()
 
     root = Path(args.work_dir).absolute()
