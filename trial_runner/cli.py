@@ -145,7 +145,7 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
             evaluator = (keep_open or closes_here).enter_context(
                 open_evaluator(spec.backend, model=model, settings=settings)
             )
-        else:
+        else:  # closed here, before the report: closing frees the host for the next trial
             evaluator = closes_here.enter_context(HostedEvaluator(address=host, model=model, settings=settings))
         mark = lap("load", mark)
         for task in spec.tasks:

@@ -108,7 +108,9 @@ class EngineHost:
             try:
                 reply = {"ok": True, **self._handle(request)}
             except Exception as error:  # reported to the trial, which classifies and reports it
-                user_error = isinstance(error, ValueError | TypeError | FileNotFoundError)
+                # A user error as `cli.classify` judges the errors a host can raise (bad settings, bad
+                # engine arguments), so a hosted trial fails as one with its own engine would.
+                user_error = isinstance(error, ValueError)
                 reply = {"ok": False, "error": f"{type(error).__name__}: {error}", "user_error": user_error}
                 print(f"engine host: {request.get('op')} failed: {reply['error']}", flush=True)
                 if not user_error:  # the engine may be broken: the next trial starts a new one
@@ -139,9 +141,9 @@ class EngineHost:
 
         started = time.perf_counter()
         wanted = (engine_identity(model_directory(model), settings), threads)
-        reused = self.engine is not None and self.built_for == wanted
-        if self.engine is not None and reused:
+        if self.engine is not None and self.built_for == wanted:
             self.engine.load_weights(model)
+            reused = True
         else:
             self._drop_engine()
             # The engine computes on torch's threads as they are when it starts (vLLM ignores later
@@ -149,6 +151,7 @@ class EngineHost:
             self._set_torch_threads(threads)
             self.engine = VLLMEvaluator(model=model, settings=settings)
             self.built_for = wanted
+            reused = False
         seconds = time.perf_counter() - started
         done = "loaded weights in place from" if reused else "started an engine for"
         print(f"engine host: {done} {model} in {seconds:.2f} s", flush=True)

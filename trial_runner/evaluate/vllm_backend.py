@@ -138,7 +138,6 @@ class VLLMEvaluator(Evaluator):
     def __init__(self, *, model: ModelSource, settings: VLLMSettings) -> None:
         path = model_directory(model)
         self.settings = settings
-        self.built_for = engine_identity(path, settings)
         self.device = current_device()
         model_config = json.loads((path / "config.json").read_text())
         self.launch: EngineLaunch = settings.resolve(self.device, model_config)
