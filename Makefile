@@ -53,6 +53,7 @@ bench: install-test bench-merge
 	$(BIN)/python bench/eval_backends.py
 	$(BIN)/python bench/trial_breakdown.py
 	$(BIN)/python bench/search_efficiency.py
+	$(BIN)/python bench/search_bound.py
 	$(BIN)/python bench/operator_scale.py
 
 clean:
