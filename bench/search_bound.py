@@ -33,7 +33,17 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from search_efficiency import ETA, MAX_SAMPLES, MIN_SAMPLES, STRATEGIES, TASKS, WORLD, manifest, standard_error
+from search_efficiency import (
+    ETA,
+    MAX_SAMPLES,
+    MIN_SAMPLES,
+    STRATEGIES,
+    TASKS,
+    WORLD,
+    first_reaching,
+    manifest,
+    standard_error,
+)
 
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.hyperband import Schedule, promotable
@@ -120,7 +130,7 @@ class Replay:
 
     def lowest_rung_keeps_best(self, rng: random.Random, pools: int) -> float:
         """Share of random rung-sized groups of plans whose best (on all samples) is in the lowest rung's top 1/eta."""
-        group = ETA ** (len(SCHEDULES["asha"][0].budgets) - 1)
+        group = ETA ** SCHEDULES["asha"][0].top_rung
         kept = 0
         for _ in range(pools):
             plans = rng.sample(range(len(self.full)), group)
@@ -142,7 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     replay = Replay(measure_pool(args.candidates, Path(args.work_dir).absolute()))
     rng = random.Random(0)
-    full, se = replay.full, standard_error(float(replay.full.max()), len(TASKS) * MAX_SAMPLES)
+    full_trial = MAX_SAMPLES * len(TASKS)  # samples in one full-fidelity trial
+    full, se = replay.full, standard_error(float(replay.full.max()), full_trial)
     summary: dict = {
         "candidates": len(full),
         "score_range": [float(full.min()), float(full.max())],
@@ -150,7 +161,6 @@ def main() -> None:
         "lowest_rung_keeps_best": replay.lowest_rung_keeps_best(rng, 2000),
         "budgets": {},
     }
-    full_trial = MAX_SAMPLES * len(TASKS)
     for trials in args.full_trials:
         ratios: dict[str, list[float]] = {name: [] for name in [*SCHEDULES, IDEAL] if name != "full-fidelity"}
         full_needed = []
@@ -161,8 +171,8 @@ def main() -> None:
                 for name, (s, oracle) in SCHEDULES.items()
             }
             final = history["full-fidelity"][-1][1]
-            target = final - standard_error(final, len(TASKS) * MAX_SAMPLES)
-            needed = {name: next((used for used, score in h if score >= target), None) for name, h in history.items()}
+            target = final - standard_error(final, full_trial)
+            needed = {name: first_reaching(h, target, 1) for name, h in history.items()}
             full_needed.append(needed["full-fidelity"] / full_trial)
             for name in SCHEDULES.keys() - {"full-fidelity"}:
                 ratios[name].append(needed[name] / needed["full-fidelity"] if needed[name] else float("inf"))
