@@ -78,3 +78,6 @@ class Executor(ABC):
 
     @abstractmethod
     def release(self, name: str) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - an optional hook: pod executors keep nothing to let go
+        """Let go of what the executor keeps between runs (a local fork server); started runs go on."""
