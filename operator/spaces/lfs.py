@@ -4,7 +4,8 @@ Define-by-run and conditional: a group first picks its method, then only that me
 asked for, once per tensor group (each name filter such as `self_attn`, `mlp`, and the rest of the
 tensors). The paper's reference implementation kept every method's parameters for every group always
 on (112 for 3 models and 4 groups); here a TIES group over three experts and three tensor groups asks
-for 15. Parameter names read as `g<group>.<method>.<tensor group>.<parameter>[.<expert>]`.
+for 18 (per tensor group: a weight per expert, density, lambda, normalised or summed). Parameter names
+read as `g<group>.<method>.<tensor group>.<parameter>[.<expert>]`.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ from typing import Any
 import optuna
 
 from mergesearch_trial_runner.plan.ir import MergePlan
+from mergesearch_trial_runner.plan.methods import get_method
 
 from .base import ModelFacts, SearchSpace, Skip
-from .baselines import TIES_DEFAULT_DENSITY
+from .baselines import HAND_RECIPES, Recipe
 
 REST = "rest"
-# (method, parameter) -> search range; per-source parameters are asked once per expert.
+# (method, parameter) -> search range; per-source parameters are asked once per expert. Task arithmetic
+# has a scale per group as in the paper: weights in [0, 1] alone make summed task vectors one corner of
+# the cube, and on real LLMs the sum is often where the good merges are (the mean is near the base).
 RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("linear", "weight"): (0.0, 1.0),
     ("task_arithmetic", "weight"): (0.0, 1.0),
+    ("task_arithmetic", "lambda"): (0.5, 2.0),
     ("ties", "weight"): (0.0, 1.0),
     ("ties", "density"): (0.1, 1.0),
     ("ties", "lambda"): (0.5, 1.5),
@@ -34,6 +39,8 @@ RANGES: dict[tuple[str, str], tuple[float, float]] = {
     ("slerp", "t"): (0.0, 1.0),
 }
 PER_SOURCE = {"weight"}
+# (method, parameter) -> choices: TIES normalised (mergekit's default) or summed.
+CHOICES: dict[tuple[str, str], tuple[bool, ...]] = {("ties", "normalize"): (True, False)}
 
 
 def layer_groups(num_layers: int, *, groups: int | None = None, per_group: int | None = None) -> list[tuple[int, int]]:
@@ -98,6 +105,11 @@ class LayerwiseFusion(SearchSpace):
             for name in names
             if name not in PER_SOURCE
         }
+        for (m, name), choices in CHOICES.items():
+            if m == method:
+                shared[name] = self._conditional(
+                    {tg: trial.suggest_categorical(f"g{g}.{method}.{tg}.{name}", choices) for tg in self.tensor_groups}
+                )
         sources = []
         for expert in self.facts.experts:
             weights = {
@@ -129,15 +141,38 @@ class LayerwiseFusion(SearchSpace):
                     params[f"g{g}.{method}.{tg}.{name}"] = value
         return params
 
+    def recipe_params(self, recipe: Recipe) -> dict[str, Any] | None:
+        """The parameters that make every group `recipe`, or None where the space cannot express it."""
+        if recipe.method not in self.methods:
+            return None
+        spec = get_method(recipe.method)
+        weight = recipe.weight_for(len(self.facts.experts))
+        low, high = RANGES[(recipe.method, "weight")]
+        if not low <= weight <= high:
+            return None
+        values: dict[str, Any] = {f"weight.{e}": weight for e in self.facts.experts}
+        for (method, name), (low, high) in RANGES.items():
+            if method == recipe.method and name not in PER_SOURCE:
+                values[name] = recipe.params.get(name, spec.param(name).default)
+                if not low <= values[name] <= high:
+                    return None
+        for (method, name), choices in CHOICES.items():
+            if method == recipe.method:
+                values[name] = recipe.params.get(name, spec.param(name).default)
+                if values[name] not in choices:
+                    return None
+        if set(recipe.params) - set(values):  # a parameter the space keeps at its default
+            return None
+        return self._everywhere(recipe.method, values)
+
     def initial_params(self) -> list[dict[str, Any]]:
         experts = list(self.facts.experts)
         design = []
         if "linear" in self.methods:
             for chosen in experts:
                 design.append(self._everywhere("linear", {f"weight.{e}": float(e == chosen) for e in experts}))
-        if "task_arithmetic" in self.methods:
-            design.append(self._everywhere("task_arithmetic", {f"weight.{e}": 1.0 / len(experts) for e in experts}))
-        if "ties" in self.methods:
-            values = {f"weight.{e}": 1.0 for e in experts} | {"density": TIES_DEFAULT_DENSITY, "lambda": 1.0}
-            design.append(self._everywhere("ties", values))
+        for recipe in HAND_RECIPES:
+            params = self.recipe_params(recipe)
+            if params is not None and params not in design:
+                design.append(params)
         return design

@@ -11,6 +11,7 @@ from optuna.trial import TrialState
 from mergesearch_operator.search.controller import SearchController, decision_key, result_key
 from mergesearch_operator.search.hyperband import promotable
 from mergesearch_operator.search.objectives import weighted_score
+from mergesearch_operator.spaces.baselines import HAND_RECIPES
 
 from .conftest import EXPERTS, make_controller, manifest, run_to_end
 from .synthetic import SyntheticExecutor
@@ -31,7 +32,7 @@ def test_search_runs_to_the_end_and_reports_the_best(storage, executor):
     assert status.trials["completed"] >= 1 and status.trials["pruned"] >= 1
     completed = controller.study.get_trials(states=(TrialState.COMPLETE,))
     assert status.best["value"] == pytest.approx(max(t.value for t in completed))
-    assert set(status.final) == {"best", "task_arithmetic", "ties", *(f"expert:{e}" for e in EXPERTS)}
+    assert set(status.final) == {"best", *(r.label for r in HAND_RECIPES), *(f"expert:{e}" for e in EXPERTS)}
 
 
 def test_continuation_evaluates_every_sample_once_up_to_the_top_rung_budget(storage, executor):
@@ -85,11 +86,12 @@ def test_decisions_follow_asynchronous_successive_halving(storage, executor):
 
 
 def test_initial_design_comes_first(storage, executor):
-    controller = make_controller(manifest(budget={"maxTrials": 6}), storage, executor)
+    controller = make_controller(manifest(budget={"maxTrials": 10}), storage, executor)
     run_to_end(controller)
-    first = [t.params for t in sorted(controller.study.get_trials(), key=lambda t: t.number)[:5]]
+    first = [t.params for t in sorted(controller.study.get_trials(), key=lambda t: t.number)[:8]]
     design = controller.space.initial_params()
-    assert len(design) == 5  # three experts alone, uniform task arithmetic, TIES
+    # three experts alone; linear average, task arithmetic mean and summed, TIES normalised and summed
+    assert len(design) == 8
     assert first == design
 
 

@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from mergesearch_operator.spaces import DepthwiseIntegration, LayerwiseFusion, ModelFacts, Skip
-from mergesearch_operator.spaces.baselines import baselines
+from mergesearch_operator.spaces.baselines import HAND_RECIPES, baselines
 from mergesearch_operator.spaces.lfs import layer_groups
+from mergesearch_operator.spec import LFSSpace
 from mergesearch_trial_runner.merge.engine import merge_to_directory
 from mergesearch_trial_runner.testbed.models import random_llama
 
@@ -36,7 +37,8 @@ def test_lfs_asks_only_for_the_chosen_methods_parameters():
         assert plan.num_layers == 4
         study.tell(trial, 0.0)
     ties_params = [p for p in study.trials[0].distributions if ".ties." in p]
-    assert len(ties_params) in (0, 15, 30)  # 3 experts x 3 tensor groups weights + density + lambda per group
+    # per tensor group (3): a weight per expert (3), density, lambda, normalised or summed
+    assert len(ties_params) in (0, 18, 36)
 
 
 def test_plans_are_rebuilt_from_stored_parameters():
@@ -77,18 +79,31 @@ def merged(plan, out):
     return load_file(next(out.glob("*.safetensors")))
 
 
-def test_lfs_initial_design_merges_to_the_baselines(tiny):
+def test_lfs_initial_design_merges_to_each_expert_and_every_hand_recipe(tiny):
+    """The default space expresses every hand recipe (summed task vectors and summed TIES included), and
+    the initial design merges to exactly the tensors of the recipe's whole-model plan."""
     facts, root = tiny
-    space = LayerwiseFusion(
-        facts, methods=["linear", "task_arithmetic", "ties"], tensor_groups=["self_attn", "mlp"], groups=2
-    )
+    default_methods = list(LFSSpace.model_validate({"type": "LFS"}).methods)
+    space = LayerwiseFusion(facts, methods=default_methods, tensor_groups=["self_attn", "mlp"], groups=2)
     design = [space.plan_of(params) for params in space.initial_params()]
     expected = baselines(facts)
-    labels = [f"expert:{e}" for e in facts.experts] + ["task_arithmetic", "ties"]
+    labels = [f"expert:{e}" for e in facts.experts] + [recipe.label for recipe in HAND_RECIPES]
+    assert len(design) == len(labels) == len(expected)
     for index, (label, plan) in enumerate(zip(labels, design, strict=True)):
         ours, theirs = merged(plan, root / f"design{index}"), merged(expected[label], root / f"baseline{index}")
         for name, tensor in theirs.items():
             torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-6, msg=f"{label}: {name}")
+    summed = merged(expected["task_arithmetic_sum"], root / "sum")
+    mean = merged(expected["task_arithmetic"], root / "mean")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(summed[name], mean[name])  # the two recipes differ
+
+
+def test_lfs_initial_design_leaves_out_what_the_space_cannot_express():
+    space = LayerwiseFusion(FACTS, methods=["linear", "ties"], tensor_groups=["mlp"], groups=2)
+    expressible = [r.label for r in HAND_RECIPES if space.recipe_params(r) is not None]
+    assert expressible == ["linear", "ties", "ties_sum"]
+    assert len(space.initial_params()) == len(FACTS.experts) + 3
 
 
 def test_dis_initial_design_reproduces_each_expert(tiny):

@@ -137,16 +137,13 @@ class World:
     """Where a built world lies: models by name (`base` and one per task) and task splits."""
 
     root: Path
+    experts: tuple[str, ...] = tuple(TASKS)  # one expert per task, named as its task
 
     def model(self, name: str) -> Path:
         return self.root / "models" / name
 
     def split(self, task: str, split: str) -> Path:
         return self.root / "tasks" / f"{task}.{split}.jsonl"
-
-    @property
-    def experts(self) -> list[str]:
-        return list(TASKS)
 
 
 def _batch(tokenizer: PreTrainedTokenizerFast, batch: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
