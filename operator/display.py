@@ -7,6 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .search.controller import SearchStatus
+from .search.objectives import held_out_scores
 from .spaces.baselines import is_baseline
 
 
@@ -50,11 +51,7 @@ def summary(status: SearchStatus, objectives: list[str], weights: dict[str, floa
     for name in objectives:
         table.add_column(name, justify="right")
     table.add_column("weighted", justify="right", style="bold")
-    total = sum(weights.values())
-    weighted = {
-        label: sum(weights[o] * scores.get(o, 0.0) for o in objectives) / total
-        for label, scores in status.final.items()
-    }
+    weighted = held_out_scores(status.final, weights)
     for label in sorted(status.final, key=lambda label: (is_baseline(label), label)):
         scores = status.final[label]
         table.add_row(label, *(f"{scores.get(o, 0.0):.3f}" for o in objectives), f"{weighted[label]:.3f}")

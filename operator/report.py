@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from mergesearch_trial_runner.plan.ir import MergePlan
 
 from .search.controller import SearchController, SearchStatus, accuracies, decision_key, result_key
-from .search.objectives import weighted_score
+from .search.objectives import held_out_scores, weighted_score
 from .spaces.baselines import is_baseline
 
 DECISION_COLOURS = {"promote": "tab:green", "prune": "tab:red", "complete": "tab:blue", "stop": "tab:gray"}
@@ -95,10 +95,7 @@ def incumbent_figure(results: list[RungResult], status: SearchStatus, weights: d
             ys.append(best)
     if xs:
         axes.step(xs, ys, where="post", label="incumbent, search split")
-    total = sum(weights.values())
-    held_out = {
-        label: sum(weights[o] * scores.get(o, 0.0) for o in weights) / total for label, scores in status.final.items()
-    }
+    held_out = held_out_scores(status.final, weights)
     found = {label: v for label, v in held_out.items() if not is_baseline(label)}
     seeds = {label: v for label, v in held_out.items() if is_baseline(label)}
     end = spent or 1
@@ -236,10 +233,11 @@ def render(controller: SearchController, name: str) -> str:
         figures.append((f"Best plan ({label}, trial {trial})", plan_figure(plan, list(controller.facts.experts))))
     if controller.pareto and status.front:
         figures.append(("Pareto front", front_figure(controller, status)))
+    weighted = held_out_scores(status.final, weights)
     rows = "".join(
         f"<tr><td>{html.escape(label)}</td>"
         + "".join(f"<td>{scores.get(t, 0.0):.3f}</td>" for t in weights)
-        + f"<td><b>{weighted_score({t: scores.get(t, 0.0) for t in weights}, weights):.3f}</b></td></tr>"
+        + f"<td><b>{weighted[label]:.3f}</b></td></tr>"
         for label, scores in sorted(status.final.items(), key=lambda item: (is_baseline(item[0]), item[0]))
     )
     table = (

@@ -20,6 +20,11 @@ def weighted_score(accuracies: Mapping[str, float], weights: Mapping[str, float]
     return sum(weights[name] * accuracies[name] for name in weights) / total
 
 
+def held_out_scores(final: Mapping[str, Mapping[str, float]], weights: Mapping[str, float]) -> dict[str, float]:
+    """Label -> weighted held-out accuracy of each merge the final stage scored (a missing task counts 0)."""
+    return {label: weighted_score({o: scores.get(o, 0.0) for o in weights}, weights) for label, scores in final.items()}
+
+
 def parego_weights(trial_number: int, objectives: int, seed: int = 0) -> list[float]:
     rng = random.Random(f"parego:{seed}:{trial_number}")
     draws = [rng.expovariate(1.0) for _ in range(objectives)]
