@@ -38,11 +38,12 @@ demo: install
 	$(BIN)/mergesearch testbed .cache/tiny-world
 	$(BIN)/mergesearch run manifests/examples/quickstart.yaml
 
-# Regenerate what is generated from the schema: the CRD (manifests and chart) and the README's reference.
+# Regenerate what is generated from the schema: the CRD (manifests and chart) and the field reference
+# (docs/reference.md; the documentation site builds from docs/ with `mkdocs build --strict`).
 docs: $(BIN)/python
 	$(BIN)/mergesearch crd > manifests/crd/mergesearches.mergesearch.io.yaml
 	cp manifests/crd/mergesearches.mergesearch.io.yaml charts/mergesearch/crds/
-	$(BIN)/mergesearch reference --update README.md
+	$(BIN)/mergesearch reference --update docs/reference.md
 
 lint:
 	$(BIN)/ruff check .

@@ -134,8 +134,8 @@ def main() -> None:
         search = LocalSearch.for_manifest(resource, work_dir=work / name)
         started = time.monotonic()
         status = search.run(lambda _status: None)
-        controller = search.controller(check=False)
-        best_trial = status.best["trial"] if status.best else None
+        controller = search.inspect()
+        best_trial = status.best.trial if status.best else None
         runs[name] = {
             "space": args.space,
             "seed": seed,

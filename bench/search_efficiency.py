@@ -184,7 +184,7 @@ def run_searches(runs: dict[str, dict[int, Any]], seeds: list[int], budget: int,
             search = LocalSearch.for_manifest(resource, work_dir=work / name)
             started = time.monotonic()
             status = search.run(lambda _status: None)
-            controller = search.controller(check=False)
+            controller = search.inspect()
             study = controller.study
             history = [
                 (

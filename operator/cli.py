@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .local import LocalSearch
+    from .search.controller import SearchStatus
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -75,7 +76,10 @@ def _search(args: argparse.Namespace) -> LocalSearch:
 
     resource = resolve_paths(load_manifest(args.manifest), Path(args.manifest).absolute().parent)
     return LocalSearch.for_manifest(
-        resource, work_dir=Path(args.work_dir) if args.work_dir else None, storage_url=args.storage
+        resource,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        storage_url=args.storage,
+        namespace=getattr(args, "namespace", None),
     )
 
 
@@ -85,20 +89,34 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from .display import progress, summary
+    from .display import progress, progress_line, summary
+    from .search.phases import Phase
 
     search = _search(args)
+    if args.restart:
+        search.discard()
     console = Console()
     started = time.monotonic()
     console.print(f"study: {search.storage_url}   work dir: {search.work_dir}")
-    with Live(console=console, refresh_per_second=2, transient=False) as live:
-        status = search.run(lambda s: live.update(progress(search.name, s, time.monotonic() - started)))
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            status = search.run(lambda s: live.update(progress(search.name, s, time.monotonic() - started)))
+    else:
+        printed: list[tuple] = [()]
+
+        def print_changes(s: SearchStatus) -> None:
+            seen = (s.phase, tuple(sorted(s.trials.items())), s.best and s.best.value, s.message)
+            if seen != printed[-1]:
+                print(progress_line(s, time.monotonic() - started), flush=True)
+                printed.append(seen)
+
+        status = search.run(print_changes)
     spec = search.resource.spec
     if status.final:
         console.print(summary(status, [o.name for o in spec.objectives], {o.name: o.weight for o in spec.objectives}))
     output = spec.output.uri or search.work_dir / "best"
     report = _write_report(search)
-    if status.phase == "Succeeded":
+    if status.phase is Phase.SUCCEEDED:
         console.print(f"best merge, its plan and recipe: {output}")
         console.print(f"report: {report}")
         return 0
@@ -112,7 +130,7 @@ def _status(args: argparse.Namespace) -> int:
     from .display import progress, summary
 
     search = _search(args)
-    controller = search.controller(check=False)
+    controller = search.inspect()
     status = controller.status()
     console = Console()
     console.print(progress(search.name, status, 0.0))
@@ -125,7 +143,7 @@ def _status(args: argparse.Namespace) -> int:
 def _write_report(search: LocalSearch, path: Path | None = None) -> Path:
     from .report import write_report
 
-    return write_report(search.controller(check=False), search.name, path or search.work_dir / "report.html")
+    return write_report(search.inspect(), search.name, path or search.work_dir / "report.html")
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -135,17 +153,22 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _best(args: argparse.Namespace) -> int:
-    from mergesearch_trial_runner.plan.export import to_mergekit_yaml
+    from mergesearch_trial_runner.plan.export import NotExpressible, mergekit_recipe
 
-    controller = _search(args).controller(check=False)
+    controller = _search(args).inspect()
     finalists = {label: found for label, found in controller.finalists().items() if found[0] is not None}
     if not finalists:
         print("no trial has finished at the top rung yet", file=sys.stderr)
         return 1
     for label, (trial, plan) in finalists.items():
         print(f"# {label}: trial {trial}")
-        recipe = to_mergekit_yaml(plan) if args.mergekit else None
-        print(recipe if recipe is not None else plan.to_json())
+        if args.mergekit:
+            try:
+                print(mergekit_recipe(plan).text)
+                continue
+            except NotExpressible as exc:
+                print(f"# no mergekit recipe: {exc}")
+        print(plan.to_json())
     return 0
 
 
@@ -190,12 +213,16 @@ def _reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_search_arguments(command: argparse.ArgumentParser) -> None:
+def _add_search_arguments(command: argparse.ArgumentParser, *, inspects: bool = True) -> None:
     command.add_argument("manifest", help="a MergeSearch manifest (YAML)")
     command.add_argument(
         "--work-dir", help="where the search keeps its study, runs and output (default .mergesearch/NAME)"
     )
     command.add_argument("--storage", help="the study's SQLAlchemy URL (default: SQLite in the work dir)")
+    if inspects:
+        command.add_argument(
+            "--namespace", help="read the operator's study of this search in NAMESPACE (with --storage); read-only"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -203,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run a MergeSearch manifest on this machine (resumes if interrupted)")
-    _add_search_arguments(run)
+    _add_search_arguments(run, inspects=False)
+    run.add_argument(
+        "--restart", action="store_true", help="delete the work dir's search (its study and runs) and start over"
+    )
     run.set_defaults(handler=_run)
 
     status = commands.add_parser("status", help="show a search's progress from its study")
@@ -219,7 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     best = commands.add_parser("best", help="print the best merge's plan (or the Pareto front's)")
     _add_search_arguments(best)
-    best.add_argument("--mergekit", action="store_true", help="as a mergekit YAML where the plan is expressible")
+    best.add_argument(
+        "--mergekit",
+        action="store_true",
+        help="as a mergekit recipe where mergekit reproduces the plan (a mergekit-multi file for plans mixing "
+        "methods); otherwise the plan, after a comment saying why",
+    )
     best.set_defaults(handler=_best)
 
     merge = commands.add_parser(
@@ -254,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     crd.set_defaults(handler=_crd)
 
     reference = commands.add_parser("reference", help="print the MergeSearch field reference (Markdown)")
-    reference.add_argument("--update", metavar="README", help="rewrite the reference between README's markers")
+    reference.add_argument("--update", metavar="PATH", help="rewrite the reference between a Markdown file's markers")
     reference.set_defaults(handler=_reference)
 
     testbed = commands.add_parser(

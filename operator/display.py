@@ -1,4 +1,8 @@
-"""How a search looks in a terminal (rich): live progress while it runs, a summary table at the end."""
+"""How a search looks (rich): live progress while it runs, a summary table at the end.
+
+In a terminal the progress is a live panel; elsewhere (CI logs, `kubectl logs`, a pipe) a live panel shows
+nothing until the end, so each change of the trial counts or the best is one plain line instead.
+"""
 
 from __future__ import annotations
 
@@ -35,13 +39,25 @@ def progress(name: str, status: SearchStatus, elapsed: float) -> Panel:
         "best",
         "-"
         if best is None
-        else f"trial {best['trial']}: {best['value']:.3f}  "
-        + "  ".join(f"{k} {v:.3f}" for k, v in best["objectives"].items()),
+        else f"trial {best.trial}: {best.value:.3f}  " + "  ".join(f"{k} {v:.3f}" for k, v in best.objectives.items()),
     )
     if status.hypervolume is not None:
         lines.add_row("front", f"{len(status.front)} trials, hypervolume {status.hypervolume:.4f}")
     lines.add_row("used", f"{status.samples_used} samples, {status.device_seconds:.0f} device-seconds, {elapsed:.0f}s")
     return Panel(lines, title=f"MergeSearch {name}", expand=False)
+
+
+def progress_line(status: SearchStatus, elapsed: float) -> str:
+    """The progress as one line of plain text (for output that is not a terminal)."""
+    trials = status.trials
+    counts = " ".join(
+        f"{state}={trials.get(state, 0)}" for state in ("running", "completed", "pruned", "failed", "skipped")
+    )
+    best = "-" if status.best is None else f"{status.best.value:.3f} (trial {status.best.trial})"
+    return (
+        f"[{elapsed:5.0f}s] {status.phase}  trials: {counts}  best: {best}  samples: {status.samples_used}"
+        + (f"  {status.message}" if status.message else "")
+    )
 
 
 def summary(status: SearchStatus, objectives: list[str], weights: dict[str, float]) -> Group:

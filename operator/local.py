@@ -7,21 +7,24 @@ directory, so running the same command again resumes the search.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
+
 from mergesearch_trial_runner.store import ModelStore
 
 from .executors.local import LocalExecutor
-from .preflight import preflight
+from .search.assembly import SearchNotFound, open_search
 from .search.controller import SearchController, SearchStatus
-from .search.study import controller_storage, open_study
-from .spaces import ModelFacts, build_space
-from .spec import MergeSearch
+from .search.study import make_storage
+from .spec import MergeSearch, MergeSearchSpec
 
-FACTS_ATTR = "facts"
+STUDY_FILE = "study.db"
 
 
 def _absolute(uri: str | None, base_dir: Path) -> str | None:
@@ -51,59 +54,87 @@ def resolve_paths(resource: MergeSearch, base_dir: Path) -> MergeSearch:
 DEFAULT_CACHE = Path.home() / ".cache" / "mergesearch" / "weights"
 
 
+class SearchChanged(ValueError):
+    """The work dir's search was started with other defining fields than the manifest now gives."""
+
+
 @dataclass
 class LocalSearch:
     resource: MergeSearch
     work_dir: Path
     storage_url: str
     cache_dir: Path = DEFAULT_CACHE
+    study_name: str = ""  # default: the manifest's name; `<namespace>.<name>` for an operator's study
 
     @classmethod
     def for_manifest(
-        cls, resource: MergeSearch, *, work_dir: Path | None = None, storage_url: str | None = None
+        cls,
+        resource: MergeSearch,
+        *,
+        work_dir: Path | None = None,
+        storage_url: str | None = None,
+        namespace: str | None = None,
     ) -> LocalSearch:
         work_dir = Path(work_dir or Path(".mergesearch") / resource.metadata.name).absolute()
-        work_dir.mkdir(parents=True, exist_ok=True)
-        return cls(resource, work_dir, storage_url or f"sqlite:///{work_dir / 'study.db'}")
+        name = resource.metadata.name
+        return cls(
+            resource,
+            work_dir,
+            storage_url or f"sqlite:///{work_dir / STUDY_FILE}",
+            study_name=f"{namespace}.{name}" if namespace else name,
+        )
 
     @property
     def name(self) -> str:
         return self.resource.metadata.name
 
-    def controller(self, *, check: bool = True) -> SearchController:
-        """The controller over this search's study; `check` runs the preflight (reads models and tasks)."""
+    def _spec(self) -> MergeSearchSpec:
         spec = self.resource.spec
-        if spec.output.uri is None:
-            spec = spec.model_copy(
-                update={"output": spec.output.model_copy(update={"uri": str(self.work_dir / "best")})}
+        if spec.output.uri is not None:
+            return spec
+        return spec.model_copy(update={"output": spec.output.model_copy(update={"uri": str(self.work_dir / "best")})})
+
+    def controller(self) -> SearchController:
+        """The controller that runs this search: creates its study or resumes it, after the preflight
+        (reads models and tasks). Refuses to resume a search whose defining fields the manifest changed."""
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        opened = open_search(self.name, self.study_name, self._spec(), self.storage_url, create=True)
+        if opened.refused:
+            raise SearchChanged(
+                f"{self.work_dir} holds a search started with other values of {', '.join(opened.refused)}; "
+                "resuming would mix two searches in one study. Start over with `mergesearch run MANIFEST "
+                "--restart` (deletes that search's trials and runs), or give another --work-dir"
             )
-        storage = controller_storage(self.storage_url)
-        study = open_study(self.name, spec, storage)
-        stored = study.user_attrs.get(FACTS_ATTR)
-        if check or stored is None:
-            facts = preflight(spec, ModelStore(self.cache_dir))
-            study.set_user_attr(
-                FACTS_ATTR,
-                {"model_uris": facts.model_uris, "experts": list(facts.experts), "num_layers": facts.num_layers},
-            )
-        else:
-            facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
-        executor = LocalExecutor(
+        facts = opened.facts(ModelStore(self.cache_dir), recheck=True)  # the files may have changed since
+        return opened.controller(facts, self._executor(opened.spec))
+
+    def inspect(self) -> SearchController:
+        """A controller over the stored search for reading its status, best plans and report: it opens no
+        new study and writes nothing (for `status`, `best`, `report`; an operator's study too)."""
+        if self.storage_url.startswith("sqlite:///") and not Path(self.storage_url.removeprefix("sqlite:///")).exists():
+            raise SearchNotFound(f"no search has run in {self.work_dir}; start it with `mergesearch run`")
+        opened = open_search(self.name, self.study_name, self._spec(), self.storage_url, create=False)
+        return opened.controller(opened.facts(), self._executor(opened.spec))
+
+    def _executor(self, spec: MergeSearchSpec) -> LocalExecutor:
+        return LocalExecutor(
             self.work_dir,
             timeout_seconds=spec.trial.timeout_seconds,
             cache_dir=self.cache_dir,
             backend=spec.trial.backend,
             parallel_runs=spec.budget.parallel_trials,
         )
-        return SearchController(
-            name=self.name,
-            spec=spec,
-            study=study,
-            space=build_space(spec, facts),
-            facts=facts,
-            executor=executor,
-            storage=storage,
-        )
+
+    def discard(self) -> None:
+        """Delete this search's study and what its runs left in the work dir (the weight cache stays)."""
+        with contextlib.suppress(KeyError):  # KeyError: never started
+            optuna.delete_study(study_name=self.study_name, storage=make_storage(self.storage_url))
+        for leftover in ("runs", "best", "runs.log", "engine-host.log", "report.html"):
+            path = self.work_dir / leftover
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
 
     def run(self, on_status: Callable[[SearchStatus], None], *, poll_seconds: float = 0.5) -> SearchStatus:
         controller = self.controller()
@@ -111,7 +142,7 @@ class LocalSearch:
             while True:
                 status = controller.reconcile()
                 on_status(status)
-                if status.phase in ("Succeeded", "Failed"):
+                if status.phase.finished:
                     return status
                 time.sleep(poll_seconds)
         finally:

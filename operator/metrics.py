@@ -18,13 +18,13 @@ from prometheus_client import (
 )
 
 from .search.controller import SearchObserver, SearchStatus
+from .search.phases import Phase
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 PlatformCollector(registry=REGISTRY)
 _SEARCH = ["namespace", "search"]
 STATES = ("running", "completed", "pruned", "failed", "skipped")
-PHASES = ("Pending", "Running", "Suspended", "Finalizing", "Succeeded", "Failed", "Invalid")
 
 TRIALS = Gauge("mergesearch_trials", "Trials of a search, by state", [*_SEARCH, "state"], registry=REGISTRY)
 RUNNING = Gauge(
@@ -103,8 +103,8 @@ class SearchMetrics(SearchObserver):
             self._child(RUNG_RESULTS, str(rung)).set(done)
             self._child(RUNNING, str(rung)).set(running)
         if status.best is not None:
-            self._child(BEST).set(status.best["value"])
-            for objective, value in status.best["objectives"].items():
+            self._child(BEST).set(status.best.value)
+            for objective, value in status.best.objectives.items():
                 self._child(BEST_OBJECTIVE, objective).set(value)
         if status.hypervolume is not None:
             self._child(HYPERVOLUME).set(status.hypervolume)
@@ -113,7 +113,7 @@ class SearchMetrics(SearchObserver):
         self.phase(status.phase)
 
     def phase(self, current: str) -> None:
-        for phase in PHASES:
+        for phase in Phase:
             self._child(PHASE, phase).set(1 if phase == current else 0)
 
     def forget(self) -> None:

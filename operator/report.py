@@ -31,9 +31,15 @@ from mergesearch_trial_runner.plan.ir import MergePlan
 
 from .search.controller import SearchController, SearchStatus, accuracies, decision_key, result_key
 from .search.objectives import held_out_scores, weighted_score
+from .search.phases import Decision
 from .spaces.baselines import is_baseline
 
-DECISION_COLOURS = {"promote": "tab:green", "prune": "tab:red", "complete": "tab:blue", "stop": "tab:gray"}
+DECISION_COLOURS = {
+    Decision.PROMOTE: "tab:green",
+    Decision.PRUNE: "tab:red",
+    Decision.COMPLETE: "tab:blue",
+    Decision.STOP: "tab:gray",
+}
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,7 @@ def incumbent_figure(results: list[RungResult], status: SearchStatus, weights: d
     spent, best, xs, ys = 0, float("-inf"), [], []
     for result in results:
         spent += result.spent
-        if result.decision == "complete" and result.score > best:
+        if result.decision == Decision.COMPLETE and result.score > best:
             best = result.score
         if best > float("-inf"):
             xs.append(spent)

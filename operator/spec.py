@@ -3,26 +3,69 @@
 Field names are camelCase in YAML (Kubernetes' convention) and snake_case in Python. Everything a schema
 can say (types, enums, bounds, defaults) is said here so that the generated CRD's OpenAPI validation says
 it too; cross-field rules (min below max, methods that need experts) are model validators whose
-messages name the field and the fix. Checks that need the models themselves (an expert whose shapes
+messages name the field and the fix; `trial.engineArgs` is checked against the chosen backend's settings
+model (the trial runner's own). `parse_manifest` reports every problem at once, one per line, unknown
+fields first with the closest valid name. Checks that need the models themselves (an expert whose shapes
 differ from the base) are in `preflight`.
 """
 
 from __future__ import annotations
 
+import difflib
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AliasGenerator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    AliasGenerator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
+from mergesearch_trial_runner.evaluate.registry import get_backend
+from mergesearch_trial_runner.plan.methods import default_space_methods, searchable_methods
 from mergesearch_trial_runner.tasks import TaskSpec
+
+from .podtemplate import (
+    DNS_SUBDOMAIN,
+    Affinity,
+    EnvVar,
+    Volume,
+    VolumeMount,
+    check_env,
+    check_metadata,
+    check_mounts,
+    check_volumes,
+)
 
 API_GROUP = "mergesearch.io"
 API_VERSION = "v1alpha1"
 KIND = "MergeSearch"
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-SEARCHABLE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+
+
+def _searchable(name: str) -> str:
+    """A method the LFS space can search, as declared in the runner's `plan.methods` (read when validating,
+    so a method declared there is searchable here with no other change)."""
+    if name not in searchable_methods():
+        raise ValueError(f"{name!r} is not a searchable merge method; use one of {list(searchable_methods())}")
+    return name
+
+
+SearchableMethod = Annotated[
+    str,
+    AfterValidator(_searchable),
+    Field(json_schema_extra=lambda schema: schema.update(enum=list(searchable_methods()))),
+]
 
 
 class _Spec(BaseModel):
@@ -59,8 +102,8 @@ class LFSSpace(_Spec):
     type: Literal["LFS"] = Field(description="LFS (layer-wise fusion) or DIS (depth-wise integration)")
     layer_groups: int | None = Field(default=None, ge=1, description="number of contiguous layer groups")
     layers_per_group: int | None = Field(default=None, ge=1, description="alternative to layerGroups")
-    methods: list[Literal[SEARCHABLE_METHODS]] = Field(  # type: ignore[valid-type]
-        default_factory=lambda: ["linear", "task_arithmetic", "ties", "dare_ties", "slerp"],
+    methods: list[SearchableMethod] = Field(
+        default_factory=default_space_methods,
         min_length=1,
         description="merge methods a group may use",
     )
@@ -174,8 +217,52 @@ class Toleration(_Spec):
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
 
 
+REMOTE_CODE = "trust_remote_code"
+
+
+def _names_key(value: Any, key: str) -> bool:
+    """Whether `key` is a key of `value` or of any mapping nested in it."""
+    if isinstance(value, dict):
+        return key in value or any(_names_key(v, key) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_key(v, key) for v in value)
+    return False
+
+
+def check_engine_args(backend: str, engine_args: dict[str, Any]) -> None:
+    """Refuse `engineArgs` that `backend` does not take (every trial would fail on them), naming the key,
+    the backend and its valid keys; and any `trust_remote_code`, at any depth."""
+    if _names_key(engine_args, REMOTE_CODE):
+        raise ValueError(
+            f"{REMOTE_CODE} cannot be set: trials run only model code that ships with transformers and vLLM, "
+            "never Python code from a checkpoint; use a model whose architecture they support"
+        )
+    model = get_backend(backend).settings
+    try:
+        model.model_validate(engine_args)
+    except ValidationError as exc:
+        valid = sorted(model.model_fields)
+        problems = []
+        for error in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+            key = ".".join(str(p) for p in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                close = difflib.get_close_matches(key, valid, n=1)
+                hint = f" (did you mean `{close[0]}`?)" if close else ""
+                problems.append(
+                    f"`{key}` is not a setting of backend {backend}{hint}; its settings are {', '.join(valid)}"
+                )
+            else:
+                problems.append(f"`{key}`: {message}" if key else message)
+        raise ValueError("; ".join(problems)) from None
+
+
 class Trial(_Spec):
-    image: str = Field(default="ghcr.io/mergesearch/trial-runner:0.1.0", description="trial runner image")
+    image: str | None = Field(
+        default=None,
+        description="trial runner image; unset: the operator's own (the chart's trial.image value, "
+        "MERGESEARCH_TRIAL_IMAGE), so one setting points every search at a private registry",
+    )
     backend: Literal["vllm", "hf"] = Field(default="vllm", description="evaluation engine")
     engine_args: dict[str, Any] = Field(default_factory=dict, description="passed to the backend (e.g. max_model_len)")
     resources: dict[str, dict[str, int | str]] = Field(
@@ -193,6 +280,85 @@ class Trial(_Spec):
         description="run trial after trial in long-lived worker pods, one per parallel trial, which import the "
         "backend once (a fresh pod per run pays it every time)",
     )
+
+    # The pod template: what cluster admins set on any workload, in Kubernetes' own shapes (podtemplate).
+    image_pull_secrets: list[SecretKeyRef] = Field(
+        default_factory=list,
+        description="Secrets (type kubernetes.io/dockerconfigjson) for pulling the trial image from a private "
+        "registry, as in a pod spec: [{name: regcred}]",
+    )
+    affinity: Affinity | None = Field(
+        default=None,
+        description="trial pods' affinity, as in a pod spec (nodeAffinity, podAffinity, podAntiAffinity): e.g. "
+        "prefer nodes with a GPU type, or keep trial pods apart",
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+        description="a PriorityClass for trial pods (e.g. a low one, so that serving workloads preempt searches)",
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+        description="a RuntimeClass for trial pods (e.g. nvidia, where the GPU runtime is not the default)",
+    )
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        description="extra environment variables of the trial container, as in a pod spec ({name, value} or "
+        "{name, valueFrom}); the operator's own (MERGESEARCH_TRIAL_SPEC, MERGESEARCH_TERMINATION_LOG, "
+        "MERGESEARCH_WORKER_TOKEN, POD_IP, AWS_*) are refused",
+    )
+    volumes: list[Volume] = Field(
+        default_factory=list,
+        description="extra volumes of trial pods, as in a pod spec (e.g. {name: models, persistentVolumeClaim: "
+        "{claimName: models}}); the names weight-cache and scratch are the operator's",
+    )
+    volume_mounts: list[VolumeMount] = Field(
+        default_factory=list,
+        description="mounts of trial.volumes into the trial container, as in a pod spec ({name, mountPath}); "
+        "not at the operator's own paths (/var/cache/mergesearch, /scratch, /dev/termination-log)",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra labels of trial pods (e.g. for cost allocation or network policies); the operator's "
+        "own (mergesearch.io/*, app.kubernetes.io/managed-by, app.kubernetes.io/name) are refused",
+    )
+    annotations: dict[str, str] = Field(
+        default_factory=dict,
+        description="extra annotations of trial pods (e.g. for a service mesh or log shipper); keys under "
+        "mergesearch.io/ are the operator's",
+    )
+
+    @field_validator("engine_args")
+    @classmethod
+    def _backend_takes(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "backend" in info.data:  # else the backend's own error is reported
+            check_engine_args(info.data["backend"], value)
+        return value
+
+    @field_validator("labels", "annotations")
+    @classmethod
+    def _metadata(cls, values: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        return dict(check_metadata(info.field_name or "", values))
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, env: list[EnvVar]) -> list[EnvVar]:
+        return check_env(env)
+
+    @field_validator("volumes")
+    @classmethod
+    def _volumes(cls, volumes: list[Volume]) -> list[Volume]:
+        return check_volumes(volumes)
+
+    @field_validator("volume_mounts")
+    @classmethod
+    def _mounts(cls, mounts: list[VolumeMount], info: ValidationInfo) -> list[VolumeMount]:
+        if "volumes" not in info.data:  # the volumes were refused: that error is the one to show
+            return mounts
+        return check_mounts(mounts, info.data["volumes"])
 
 
 class Output(_Spec):
@@ -241,34 +407,106 @@ class Metadata(BaseModel):
 class MergeSearch(BaseModel):
     """The whole resource as a user writes it (`kubectl apply -f` or `mergesearch run`)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="forbid")
     api_version: Literal[f"{API_GROUP}/{API_VERSION}"] = Field(alias="apiVersion")  # type: ignore[valid-type]
     kind: Literal["MergeSearch"]
     metadata: Metadata
     spec: MergeSearchSpec
+    status: dict[str, Any] | None = Field(default=None, description="the operator's; a manifest may carry it")
 
 
 class ManifestError(ValueError):
-    """A manifest that cannot run; `field` is the dotted path at fault (camelCase, as written)."""
+    """A manifest that cannot run: one line per problem, each `field: message`, the field a dotted path as
+    written (camelCase, list indices in brackets). `field` is the first, most important problem's; `problems`
+    holds every (field, message)."""
 
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}" if field else message)
+    def __init__(self, field: str, message: str, *, more: Sequence[tuple[str, str]] = ()):
+        self.problems = [(field, message), *more]
+        super().__init__("\n".join(f"{f}: {m}" if f else m for f, m in self.problems))
         self.field = field
 
 
-def _location(error: dict[str, Any]) -> str:
-    parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and p in ("LFS", "DIS"))]
-    return ".".join(parts)
+def _unwrap(annotation: Any) -> Any:
+    """`X | None` as X; other types as they are."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        members = [a for a in get_args(annotation) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _alias(name: str, info: Any) -> str:
+    return info.validation_alias if isinstance(info.validation_alias, str) else info.alias or name
+
+
+def _field_names(node: Any) -> list[str]:
+    """The keys a user may write in a mapping of type `node` (none where the schema does not list them)."""
+    node = _unwrap(node)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return [_alias(name, info) for name, info in node.model_fields.items()]
+    return []
+
+
+def _member(union: Any, part: object) -> Any:
+    """The member of `union` that pydantic's location `part` tags (a discriminator value or a type name)."""
+    for member in get_args(union):
+        tags = {getattr(member, "__name__", str(member))}
+        if isinstance(member, type) and issubclass(member, BaseModel) and "type" in member.model_fields:
+            tags |= set(get_args(member.model_fields["type"].annotation))
+        if part in tags:
+            return member
+    return None
+
+
+def _walk(loc: Sequence[int | str]) -> tuple[str, Any]:
+    """A pydantic error location as the user's dotted path (union tags left out, indices in brackets) and
+    the type of the mapping that holds its last key (None where the schema does not say)."""
+    path, node, parent = "", MergeSearch, None
+    for part in loc:
+        node = _unwrap(node)
+        if get_origin(node) in (Union, types.UnionType) and (member := _member(node, part)) is not None:
+            node = member
+            continue
+        parent = node
+        if isinstance(part, int):
+            path += f"[{part}]"
+            node = get_args(node)[0] if get_origin(node) in (list, tuple) else None
+            continue
+        path += f".{part}" if path else str(part)
+        if get_origin(node) is dict:
+            node = get_args(node)[1]
+        elif isinstance(node, type) and issubclass(node, BaseModel):
+            node = next((i.annotation for n, i in node.model_fields.items() if part in (n, _alias(n, i))), None)
+        else:
+            node = None
+    return path, parent
+
+
+def _problem(error: Any) -> tuple[str, str]:
+    path, parent = _walk(error["loc"])
+    if error["type"] != "extra_forbidden":
+        return path, error["msg"].removeprefix("Value error, ")
+    valid = _field_names(parent)
+    close = difflib.get_close_matches(str(error["loc"][-1]), valid, n=1)
+    if close:
+        return path, f"unknown field; did you mean `{close[0]}`?"
+    return path, f"unknown field; the fields here are {', '.join(valid)}"
 
 
 def parse_manifest(document: dict[str, Any]) -> MergeSearch:
-    """Validate a manifest (already parsed YAML), raising `ManifestError` for the first problem."""
+    """Validate a manifest (already parsed YAML), raising one `ManifestError` that lists every problem,
+    unknown fields first (a misspelt key is also the cause of the `Field required` that follows it)."""
     try:
         return MergeSearch.model_validate(document)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"].removeprefix("Value error, ")
-        raise ManifestError(_location(first), message) from None
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # stable: pydantic's order
+        problems: dict[str, list[str]] = {}
+        for error in errors:
+            path, message = _problem(error)
+            if message not in problems.setdefault(path, []):
+                problems[path].append(message)  # a union's members each report the same field
+        (first, *rest) = [(path, "; ".join(messages)) for path, messages in problems.items()]
+        raise ManifestError(*first, more=rest) from None
 
 
 def load_manifest(path: Path | str) -> MergeSearch:

@@ -26,12 +26,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NoReturn
 
-from pydantic import ValidationError
-
-from .checkpoint import CheckpointError
 from .cores import cpu_quota_cores
-from .plan.export import to_mergekit_yaml
-from .plan.tensors import PlanError
+from .errors import classify
+from .plan.export import NotExpressible, mergekit_recipe
 from .spec import (
     EXIT_INFRASTRUCTURE_ERROR,
     EXIT_OK,
@@ -40,14 +37,8 @@ from .spec import (
     TrialResult,
     TrialSpec,
 )
-from .store import ModelStore, StoreError
-from .tasks import Sample, TaskDataError, TaskSpec, parse_samples, sample_range, split_samples
-
-
-class TrialError(Exception):
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+from .store import ModelStore
+from .tasks import Sample, TaskSpec, parse_samples, sample_range, split_samples
 
 
 def _device(requested: str) -> str:
@@ -162,9 +153,12 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
             "mergesearch_plan.json": spec.plan.to_json().encode(),
             "scores.json": json.dumps(scores, indent=1).encode(),
         }
-        recipe = to_mergekit_yaml(spec.plan)
-        if recipe is not None:
-            extra["mergekit.yaml"] = recipe.encode()
+        try:
+            recipe = mergekit_recipe(spec.plan)
+        except NotExpressible:  # e.g. DARE, whose random drop mergekit draws differently: the plan alone goes
+            pass
+        else:
+            extra[recipe.file_name] = recipe.text.encode()  # mergekit.yaml, or mergekit-multi.yaml
         store.upload_model(merged_dir, spec.output_uri, extra_files=extra)
         mark = lap("upload", mark)
     timings["total"] = round(time.perf_counter() - started, 3)
@@ -176,17 +170,6 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
         timings=timings,
         generated_tokens=generated,
     )
-
-
-def classify(exc: BaseException) -> tuple[str, str]:
-    """(error kind, message): whether re-running the same spec could succeed."""
-    if isinstance(exc, StoreError):
-        return ("infrastructure" if exc.retryable else "user"), str(exc)
-    if isinstance(exc, PlanError | CheckpointError | TaskDataError | ValidationError | ValueError):
-        return "user", f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return "infrastructure", f"OutOfMemory: {exc}"
-    return "infrastructure", f"{type(exc).__name__}: {exc}"
 
 
 def report(result: TrialResult, spec: TrialSpec | None) -> None:

@@ -802,7 +802,9 @@ def _writable(path: Path, *, append: bool, uri: str) -> Iterator[Any]:
     try:
         handle = path.open("ab" if append else "wb")
     except OSError as exc:
-        raise StoreError(uri, f"cannot write {path}: {exc}; free space or move the cache", False) from None
+        raise StoreError(
+            uri, f"cannot write {path}: {exc}; free space or move the cache", retryable=False
+        ) from None
     try:
         yield handle
     finally:

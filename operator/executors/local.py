@@ -60,8 +60,7 @@ class LocalExecutor(Executor):
         parallel_runs: int = 1,
         env: dict[str, str] | None = None,
     ):
-        self.runs_dir = Path(work_dir) / "runs"
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir = Path(work_dir) / "runs"  # made by the first start: inspecting a search writes nothing
         self.ledger = Path(work_dir) / "runs.log"
         self.engine_host_log = Path(work_dir) / "engine-host.log"  # the fork server's vLLM engine host, if any
         self.cache_dir = Path(cache_dir or Path(work_dir) / "cache")
@@ -104,7 +103,7 @@ class LocalExecutor(Executor):
 
     def names(self) -> list[str]:
         """Every run this executor holds: running, or finished and not yet released."""
-        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir())
+        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir()) if self.runs_dir.exists() else []
 
     def start(self, spec: TrialSpec) -> None:
         run_dir = self._dir(spec.name)

@@ -2,7 +2,8 @@
 
 Kubernetes wants a structural OpenAPI v3.0 schema: no `$ref`, `nullable` instead of a union with null,
 one object schema where pydantic has a tagged union (the search space's LFS | DIS: both field sets,
-`type` an enum; the parser enforces which fields go with which type), `x-kubernetes-preserve-unknown-
+`type` an enum; the parser enforces which fields go with which type, and fills in a variant's defaults,
+which the API server would give every variant), `x-kubernetes-preserve-unknown-
 fields` for free-form maps, boolean `exclusiveMinimum`. `manifests/crd/` holds the output of
 `mergesearch crd`; a test fails when the file and the schema drift apart.
 """
@@ -55,6 +56,12 @@ def _structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
                     else:
                         merged["properties"].setdefault(name, prop)
             merged["required"] = sorted(set.intersection(*(set(v.get("required", [])) for v in kept)))
+            # The API server would fill a variant's default into every variant, which the parser then refuses
+            # (an LFS space given DIS's scaleRange): the parser's own defaults apply instead.
+            shared = set.intersection(*(set(v.get("properties", {})) for v in kept))
+            for name, prop in merged["properties"].items():
+                if name not in shared:
+                    merged["properties"][name] = {k: v for k, v in prop.items() if k != "default"}
             merged.update(_structural(rest, defs))
         if nullable:
             merged["nullable"] = True

@@ -123,7 +123,8 @@ def pod_trouble(pod: PodView, *, trial: Trial, settings: OperatorSettings, now: 
     age = now - (pod.created or now)
     if pod.phase == "Pending":
         if pod.waiting_reason in IMAGE_PULL_REASONS and age > settings.image_pull_seconds:
-            return failed("user", "ImagePull", f"cannot pull image {trial.image}: {pod.waiting_reason}")
+            image = trial.image or settings.trial_image
+            return failed("user", "ImagePull", f"cannot pull image {image}: {pod.waiting_reason}")
         if pod.unschedulable and age > settings.unschedulable_seconds:
             # Not deleted here: the controller stores the failure first, then releases the run.
             return failed("infrastructure", "Unschedulable", f"no node could take the pod in {age:.0f}s")

@@ -24,6 +24,7 @@ import kopf
 import optuna
 
 from ..metrics import SearchMetrics, serve
+from ..search.phases import Phase
 from ..search.storage import StorageDiverged
 from ..spec import API_GROUP, API_VERSION, ManifestError
 from . import status as st
@@ -72,7 +73,7 @@ def _fail(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, fiel
     conditions = list(body.get("status", {}).get("conditions", []))
     new = st.condition(st.READY, False, reason, field_message, conditions)
     patch.status["conditions"] = st.with_condition(conditions, new)
-    patch.status["phase"] = "Invalid" if reason == st.REASON_INVALID else "Pending"
+    patch.status["phase"] = Phase.INVALID if reason == st.REASON_INVALID else Phase.PENDING
     patch.status["message"] = field_message
     if memo.failures.get(key, ("", 0.0))[0] != field_message:
         kopf.warn(body, reason=reason, message=field_message)
@@ -155,7 +156,7 @@ def reconcile(
     if status.get("phase") != current.phase:
         kopf.event(
             body,
-            type="Normal" if current.phase != "Failed" else "Warning",
+            type="Warning" if current.phase is Phase.FAILED else "Normal",
             reason=current.phase,
             message=current.message or current.phase,
         )

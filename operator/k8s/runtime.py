@@ -2,42 +2,31 @@
 
 Built from the resource the first time the operator sees it (or after a restart), kept in memory while
 the resource exists; everything it needs to continue is in the study (PostgreSQL) and in the pods.
-The fields that define a search - models, search space, objectives, fidelity, objective mode, and
-whether trial pods are reused (which executor runs them) - are fixed when its study is created: a
-later edit of them is refused (the search goes on with the accepted ones and a condition says so),
-while budgets, `suspend`, the other trial settings and the output may change.
+The fields that define a search (`search.study.DEFINING`) are fixed when its study is created: a later
+edit of them is refused (the search goes on with the accepted ones and a condition says so), while
+budgets, `suspend`, the other trial settings and the output may change.
 """
 
 from __future__ import annotations
 
-import json
 import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
-from pydantic.alias_generators import to_camel
 
 from mergesearch_trial_runner.store import ModelStore
 
 from ..metrics import SearchMetrics
-from ..preflight import preflight
+from ..search.assembly import open_search
 from ..search.controller import SearchController
-from ..search.study import controller_storage, open_study
-from ..spaces import ModelFacts, build_space
+from ..search.study import ACCEPTED_ATTR, effective_spec
 from ..spec import MergeSearchSpec, parse_manifest
 from .api import KubernetesApi, KubernetesApiError
 from .executor import KubernetesExecutor, PodExecutor
 from .pods import TOKEN_KEY, owner_reference
 from .settings import OperatorSettings
 from .workers import WorkerPodExecutor
-
-IMMUTABLE = ("models", "search_space", "objectives", "fidelity", "storage")
-IMMUTABLE_SEARCH = ("objective_mode", "multi_fidelity")
-IMMUTABLE_TRIAL = ("reuse_pods",)  # which executor runs the trials
-PARTLY_IMMUTABLE = ("search", "trial")  # sections of which only some fields are fixed
-ACCEPTED_ATTR = "accepted_spec"
-FACTS_ATTR = "facts"
 
 
 def parse_spec(name: str, namespace: str, spec: dict[str, Any]) -> MergeSearchSpec:
@@ -48,39 +37,6 @@ def parse_spec(name: str, namespace: str, spec: dict[str, Any]) -> MergeSearchSp
         "spec": spec,
     }
     return parse_manifest(document).spec
-
-
-def _defining(spec: MergeSearchSpec) -> dict[str, Any]:
-    """The part of a spec that cannot change once its study exists."""
-    data = spec.model_dump(mode="json", include=set(IMMUTABLE))
-    data["search"] = spec.search.model_dump(mode="json", include=set(IMMUTABLE_SEARCH))
-    data["trial"] = spec.trial.model_dump(mode="json", include=set(IMMUTABLE_TRIAL))
-    return data
-
-
-def _changed(current: dict[str, Any], accepted: dict[str, Any]) -> list[str]:
-    """The defining fields whose value differs from the accepted one, as a user writes them."""
-    changed: list[str] = []
-    for key, value in accepted.items():
-        if key not in PARTLY_IMMUTABLE:
-            changed += [to_camel(key)] if current.get(key) != value else []
-        else:
-            changed += [f"{key}.{to_camel(part)}" for part in value if current[key].get(part) != value[part]]
-    return sorted(changed)
-
-
-def effective_spec(spec: MergeSearchSpec, accepted: dict[str, Any]) -> tuple[MergeSearchSpec, list[str]]:
-    """The spec to run: the accepted defining fields, the rest as given; and which fields were refused."""
-    current = _defining(spec)
-    changed = _changed(current, accepted)
-    if not changed:
-        return spec, []
-    merged = spec.model_dump(mode="json", by_alias=False)
-    for key in IMMUTABLE:
-        merged[key] = accepted[key]
-    merged["search"] = {**merged["search"], **accepted["search"]}
-    merged["trial"] = {**merged["trial"], **accepted.get("trial", {})}  # studies from before reusePods lack it
-    return MergeSearchSpec.model_validate(merged), changed
 
 
 def s3_client(api: KubernetesApi, namespace: str, secret: str) -> Any:
@@ -143,20 +99,10 @@ class SearchRuntime:
         url = api.read_secret(namespace, secret).get("url")
         if not url:
             raise KubernetesApiError(f"Secret {namespace}/{secret} has no key `url` (the study's SQLAlchemy URL)")
-        storage = controller_storage(url)
-        study = open_study(f"{namespace}.{name}", spec, storage)
-        accepted = study.user_attrs.get(ACCEPTED_ATTR)
-        if accepted is None:
-            accepted = _defining(spec)
-            study.set_user_attr(ACCEPTED_ATTR, accepted)
-        spec, refused = effective_spec(spec, accepted)
-        stored = study.user_attrs.get(FACTS_ATTR)
-        if stored is None:
-            store = ModelStore(client=s3_client(api, namespace, s3_secret))
-            facts = preflight(spec, store)
-            study.set_user_attr(FACTS_ATTR, json.loads(json.dumps(facts.__dict__, default=list)))
-        else:
-            facts = ModelFacts(stored["model_uris"], tuple(stored["experts"]), stored["num_layers"])
+        opened = open_search(name, f"{namespace}.{name}", spec, url, create=True)
+        spec = opened.spec
+        store = None if opened.has_facts else ModelStore(client=s3_client(api, namespace, s3_secret))
+        facts = opened.facts(store)
         pods = {
             "api": api,
             "search": name,
@@ -174,17 +120,8 @@ class SearchRuntime:
         else:
             executor = KubernetesExecutor(**pods)
         metrics = SearchMetrics(namespace, name)
-        controller = SearchController(
-            name=name,
-            spec=spec,
-            study=study,
-            space=build_space(spec, facts),
-            facts=facts,
-            executor=executor,
-            storage=storage,
-            observer=metrics,
-        )
-        return cls(name, namespace, controller, executor, metrics, refused)
+        controller = opened.controller(facts, executor, observer=metrics)
+        return cls(name, namespace, controller, executor, metrics, opened.refused)
 
     def update_spec(self, spec: MergeSearchSpec) -> None:
         """Apply an edited spec: the changeable fields take effect; defining ones are refused."""

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..search.controller import SearchStatus
+from ..search.phases import Phase
 
 READY = "Ready"
 SPEC_ACCEPTED = "SpecAccepted"
@@ -44,11 +45,11 @@ def with_condition(conditions: list[dict[str, Any]], new: dict[str, Any]) -> lis
 
 def search_status(status: SearchStatus, *, generation: int | None, conditions: list[dict[str, Any]]) -> dict[str, Any]:
     ready_reason = {
-        "Succeeded": REASON_SUCCEEDED,
-        "Failed": REASON_FAILED,
-        "Suspended": REASON_SUSPENDED,
+        Phase.SUCCEEDED: REASON_SUCCEEDED,
+        Phase.FAILED: REASON_FAILED,
+        Phase.SUSPENDED: REASON_SUSPENDED,
     }.get(status.phase, REASON_RUNNING)
-    ready = condition(READY, status.phase != "Failed", ready_reason, status.message, conditions)
+    ready = condition(READY, status.phase is not Phase.FAILED, ready_reason, status.message, conditions)
     body: dict[str, Any] = {
         "phase": status.phase,
         "message": status.message,
@@ -68,8 +69,8 @@ def search_status(status: SearchStatus, *, generation: int | None, conditions: l
     }
     if status.best is not None:
         body["best"] = {
-            "trial": status.best["trial"],
-            "value": round(status.best["value"], 4),
-            "objectives": {k: round(v, 4) for k, v in status.best["objectives"].items()},
+            "trial": status.best.trial,
+            "value": round(status.best.value, 4),
+            "objectives": {k: round(v, 4) for k, v in status.best.objectives.items()},
         }
     return body

@@ -43,16 +43,22 @@ from ..spaces.baselines import baselines
 from ..spec import MergeSearchSpec
 from .hyperband import Schedule, promotable
 from .objectives import chebyshev, hypervolume, parego_weights, pareto_front, weighted_score
+from .phases import Decision, Phase
 from .storage import SingleWriterStorage
 
 log = logging.getLogger(__name__)
 
 BRACKET = "bracket"
 READY = "ready"
+PLAN = "plan"
 SKIPPED = "skipped"
 STOPPED = "stopped"
 INTERRUPTED = "interrupted"
 MAX_SKIPS_PER_RECONCILE = 50
+# Skipped candidates in a row that stop the search: the sampler has found nothing it may evaluate. Even
+# DIS's default depth cap, where about 5 in 6 random stacks are too deep, skips 200 in a row with
+# probability below 1e-15.
+MAX_SKIPS_IN_A_ROW = 200
 WEIGHTS = "weights"
 INITIALIZED = "initialized"
 FRONT_SIZE_IN_STATUS = 10
@@ -70,27 +76,27 @@ def failures_key(rung: int) -> str:
     return f"failures.r{rung}"
 
 
-class Phase:
-    PENDING = "Pending"
-    RUNNING = "Running"
-    SUSPENDED = "Suspended"
-    FINALIZING = "Finalizing"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
+@dataclass(frozen=True)
+class Best:
+    """The best trial so far by the weighted score (in pareto mode too), with its search-split accuracies."""
+
+    trial: int
+    value: float
+    objectives: dict[str, float]
 
 
 @dataclass
 class SearchStatus:
     """What the search looks like now; small whatever the number of trials."""
 
-    phase: str
+    phase: Phase
     message: str = ""
     trials: dict[str, int] = field(default_factory=dict)  # running, completed, pruned, failed, skipped
     rungs: list[int] = field(default_factory=list)  # rung results recorded, per rung
     running_per_rung: list[int] = field(default_factory=list)
     samples_used: int = 0
     device_seconds: float = 0.0
-    best: dict[str, Any] | None = None  # {"trial", "value", "objectives": {name: accuracy}}
+    best: Best | None = None
     front: list[dict[str, Any]] = field(default_factory=list)  # top of the Pareto front
     hypervolume: float | None = None
     final: dict[str, dict[str, float]] = field(default_factory=dict)  # label -> objective -> test accuracy
@@ -135,8 +141,9 @@ class _TrialView:
     def result(self, rung: int) -> dict[str, Any] | None:
         return self.attrs.get(result_key(rung))
 
-    def decision(self, rung: int) -> str | None:
-        return self.attrs.get(decision_key(rung))
+    def decision(self, rung: int) -> Decision | None:
+        stored = self.attrs.get(decision_key(rung))
+        return None if stored is None else Decision(stored)
 
     def failures(self, rung: int) -> list[dict[str, Any]]:
         return list(self.attrs.get(failures_key(rung), []))
@@ -145,7 +152,7 @@ class _TrialView:
     def rung(self) -> int:
         """The rung in flight (or the last one, once decided)."""
         rung = self.bracket
-        while self.decision(rung) == "promote" and rung < self.schedule.top_rung:
+        while self.decision(rung) == Decision.PROMOTE and rung < self.schedule.top_rung:
             rung += 1
         return rung
 
@@ -173,6 +180,18 @@ class _TrialView:
             total += result["seconds"] if result else 0.0
             total += sum(f.get("seconds", 0.0) for f in self.failures(rung))
         return total
+
+
+def _skips_in_a_row(views: list[_TrialView]) -> tuple[int, str]:
+    """How many of the latest asked candidates were skipped, and the last one's reason."""
+    count, reason = 0, ""
+    for view in reversed(views):
+        if view.state == TrialState.WAITING:
+            continue
+        if not view.attrs.get(SKIPPED):
+            break
+        count, reason = count + 1, reason or view.attrs[SKIPPED]
+    return count, reason
 
 
 def accuracies(counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
@@ -247,6 +266,11 @@ class SearchController:
         )
 
     def _plan(self, trial: FrozenTrial) -> MergePlan:
+        """The plan the trial was launched with: stored then, so that a change of the space's code cannot
+        change a trial between its rungs (trials of studies from before that are rebuilt from parameters)."""
+        stored = trial.user_attrs.get(PLAN)
+        if stored is not None:
+            return MergePlan.model_validate(stored)
         plan = self.space.plan_of(dict(trial.params))
         assert not isinstance(plan, Skip), "a launched trial's plan cannot be skipped"
         return plan
@@ -286,7 +310,18 @@ class SearchController:
                 self._stop_running(views, reason=f"{failed} trials failed (budget.maxFailedTrials)")
             return self._status(Phase.FAILED, f"stopped: {failed} trials failed, budget.maxFailedTrials reached", views)
 
-        exhausted = self._exhausted(usage)
+        skipped, reason = _skips_in_a_row(views)
+        if skipped >= MAX_SKIPS_IN_A_ROW:
+            message = (
+                f"stopped: the last {skipped} candidates were all skipped ({reason}); the search space leaves "
+                "almost nothing to evaluate, widen it (for DIS, raise searchSpace.maxDepth)"
+            )
+            with self._store_then_act():
+                self._stop_running(views, reason=message)
+            return self._status(Phase.FAILED, message, views)
+
+        spent = self._spent(usage)  # which budget is used up ('' while none is)
+        exhausted = bool(spent)
         launching = not self.spec.suspend
         in_flight = 0
         with self._store_then_act():
@@ -299,6 +334,9 @@ class SearchController:
                 for v in views
                 if not (v.attrs.get(SKIPPED) or v.attrs.get(INTERRUPTED)) and v.state != TrialState.WAITING
             )
+            # Runs that finished in this reconcile count at once: their use may just have spent a budget.
+            spent = spent or self._spent(self._usage(views))
+            exhausted = bool(spent)
             more_trials = started < self.spec.budget.max_trials and not exhausted
             skips = 0
             while launching and more_trials and in_flight < self.spec.budget.parallel_trials:
@@ -313,11 +351,11 @@ class SearchController:
 
         if in_flight:
             phase = Phase.RUNNING if launching else Phase.SUSPENDED
-            return self._status(phase, self._progress_message(exhausted), views)
+            return self._status(phase, self._progress_message(spent), views)
         if more_trials:
             phase = Phase.SUSPENDED if not launching else Phase.RUNNING
-            return self._status(phase, self._progress_message(exhausted), views)
-        return self._finalize(launching)
+            return self._status(phase, self._progress_message(spent), views)
+        return self._finalize(launching, spent)
 
     @contextlib.contextmanager
     def _store_then_act(self) -> Iterator[None]:
@@ -377,13 +415,21 @@ class SearchController:
             seconds += view.seconds()
         return samples, seconds * self.executor.accelerators_per_run
 
-    def _exhausted(self, usage: tuple[int, float]) -> bool:
+    def _spent(self, usage: tuple[int, float]) -> str:
+        """The budget that is used up, named as the user writes it, with its use; '' while none is."""
         samples, device_seconds = usage
         budget = self.spec.budget
-        return bool(
-            (budget.max_samples is not None and samples >= budget.max_samples)
-            or (budget.max_gpu_seconds is not None and device_seconds >= budget.max_gpu_seconds)
-        )
+        if budget.max_samples is not None and samples >= budget.max_samples:
+            return f"budget.maxSamples reached ({samples} of {budget.max_samples} samples evaluated)"
+        if budget.max_gpu_seconds is not None and device_seconds >= budget.max_gpu_seconds:
+            return (
+                f"budget.maxGpuSeconds reached ({device_seconds:.0f} of {budget.max_gpu_seconds:g} "
+                "accelerator-seconds used)"
+            )
+        return ""
+
+    def _exhausted(self, usage: tuple[int, float]) -> bool:
+        return bool(self._spent(usage))
 
     def _launch_new(self, views: list[_TrialView]) -> bool:
         """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
@@ -402,6 +448,7 @@ class SearchController:
                 _TrialView(_Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule)
             )
             return False
+        trial.set_user_attr(PLAN, plan.model_dump(mode="json"))
         trial.set_user_attr(READY, True)  # with the parameters, in the same transaction: a complete trial
         name = self.run_name(trial.number, bracket, 0)
         self._start_run(self._trial_spec(name, plan, rung=bracket, bracket=bracket))
@@ -430,13 +477,13 @@ class SearchController:
             return 0
         rung = view.rung
         decision = view.decision(rung)
-        if decision is not None and not (decision == "promote" and rung < self.schedule.top_rung):
+        if decision is not None and not (decision == Decision.PROMOTE and rung < self.schedule.top_rung):
             self._act(view, rung, decision)
             return 0
         if view.result(rung) is not None:
             decision = self._decide(view, views, rung, exhausted)
             self._store(view, decision_key(rung), decision)
-            if decision != "promote":
+            if decision != Decision.PROMOTE:
                 self._act(view, rung, decision)
                 return 0
             rung += 1
@@ -455,7 +502,7 @@ class SearchController:
             decision = self._decide(view, views, rung, exhausted)
             self._store(view, decision_key(rung), decision)
             self._release_run(name)
-            if decision != "promote":
+            if decision != Decision.PROMOTE:
                 self._act(view, rung, decision)
                 return 0
             return self._drive(view, views, launching=launching, exhausted=exhausted)  # starts the next rung
@@ -501,11 +548,11 @@ class SearchController:
         self._start_run(self._trial_spec(retry, self._plan(view.trial), rung=rung, bracket=view.bracket))
         return 1
 
-    def _decide(self, view: _TrialView, views: list[_TrialView], rung: int, exhausted: bool) -> str:
+    def _decide(self, view: _TrialView, views: list[_TrialView], rung: int, exhausted: bool) -> Decision:
         if rung == self.schedule.top_rung:
-            return "complete"
+            return Decision.COMPLETE
         if exhausted:
-            return "stop"
+            return Decision.STOP
         weights = self._weights_of(view)
         value = self._score(view, rung, weights)
         competitors = [
@@ -513,14 +560,14 @@ class SearchController:
             for other in views
             if other.bracket == view.bracket and other.result(rung) is not None
         ]
-        return "promote" if promotable(value, competitors, self.schedule.reduction_factor) else "prune"
+        return Decision.PROMOTE if promotable(value, competitors, self.schedule.reduction_factor) else Decision.PRUNE
 
-    def _act(self, view: _TrialView, rung: int, decision: str) -> None:
-        if decision == "complete":
+    def _act(self, view: _TrialView, rung: int, decision: Decision) -> None:
+        if decision == Decision.COMPLETE:
             values = self._objective_values(view.counts(rung))
             self._tell(view, TrialState.COMPLETE, values if self.pareto else self._score(view, rung, None))
         else:  # prune, stop, or a promotion past the top (cannot happen) end the trial as pruned
-            if decision == "stop":
+            if decision == Decision.STOP:
                 self._store(view, STOPPED, "sample or device-time budget exhausted")
             self._tell(view, TrialState.PRUNED)
 
@@ -562,9 +609,11 @@ class SearchController:
             return None
         return base if label == "best" else f"{base.rstrip('/')}/{label}"
 
-    def _finalize(self, launching: bool) -> SearchStatus:
+    def _finalize(self, launching: bool, spent: str = "") -> SearchStatus:
         finalists = self.finalists()
         if not any(trial is not None for trial, _ in finalists.values()):
+            if spent:
+                return self._status(Phase.FAILED, f"stopped: {spent} before any trial reached the top rung; raise it")
             return self._status(Phase.FAILED, "no trial reached the top rung; raise budget.maxTrials or the budgets")
         final = dict(self.study.user_attrs.get("final", {}))
         pending = 0
@@ -596,24 +645,24 @@ class SearchController:
                 self.executor.release(name)
         if pending:
             return self._status(Phase.FINALIZING, "evaluating the best merge and the baselines on the held-out split")
-        return self._status(Phase.SUCCEEDED, "done")
+        return self._status(Phase.SUCCEEDED, f"done: {spent}" if spent else "done")
 
-    def _progress_message(self, exhausted: bool) -> str:
+    def _progress_message(self, spent: str) -> str:
         if self.spec.suspend:
             return "suspended: no new trial runs start; running ones finish"
-        if exhausted:
-            return "budget exhausted: finishing running trials"
+        if spent:
+            return f"{spent}: finishing running trials"
         return "searching"
 
     # --- status ---------------------------------------------------------------------------------------
 
     def status(self) -> SearchStatus:
         """The search's status as stored, without driving anything (for `mergesearch status`)."""
-        phase = self.study.user_attrs.get("phase", Phase.PENDING)
+        phase = Phase(self.study.user_attrs.get("phase", Phase.PENDING))
         return self._status(phase, self.study.user_attrs.get("message", ""), persist=False)
 
     def _status(
-        self, phase: str, message: str, views: list[_TrialView] | None = None, *, persist: bool = True
+        self, phase: Phase, message: str, views: list[_TrialView] | None = None, *, persist: bool = True
     ) -> SearchStatus:
         """The status from `views` (this reconcile's, kept current as it went), or read afresh."""
         if views is None:
@@ -660,11 +709,7 @@ class SearchController:
                 status.hypervolume = hypervolume([points[i] for i in front], [0.0] * len(names))
             scores = [weighted_score(dict(zip(names, p, strict=True)), self.objective_weights) for p in points]
             best = max(range(len(completed)), key=lambda i: scores[i])
-            status.best = {
-                "trial": completed[best].number,
-                "value": scores[best],
-                "objectives": dict(zip(names, points[best], strict=True)),
-            }
+            status.best = Best(completed[best].number, scores[best], dict(zip(names, points[best], strict=True)))
         attrs = self.study.user_attrs
         for label, record in attrs.get("final", {}).items():
             if "tasks" in record:

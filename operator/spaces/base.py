@@ -18,6 +18,14 @@ import optuna
 from mergesearch_trial_runner.plan.ir import MergePlan
 
 
+class SpaceError(ValueError):
+    """A search space that cannot be built for these models; `field` is the searchSpace field at fault."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclass(frozen=True)
 class Skip:
     """A candidate that is not evaluated and not scored as a failure; `reason` says why."""
@@ -32,6 +40,14 @@ class ModelFacts:
     model_uris: dict[str, str]  # "base" and every expert
     experts: tuple[str, ...]
     num_layers: int
+
+    def to_json(self) -> dict[str, Any]:
+        """As JSON data (a study attribute: facts are read once, at a search's first preflight)."""
+        return {"model_uris": self.model_uris, "experts": list(self.experts), "num_layers": self.num_layers}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelFacts:
+        return cls(dict(data["model_uris"]), tuple(data["experts"]), int(data["num_layers"]))
 
 
 class SearchSpace(ABC):

@@ -4,7 +4,7 @@ At each position p of the base's depth the search picks a subset of the experts,
 (when two or more are picked) and an output scale; the merged model stacks layer p of each picked expert
 in that order, or the base's layer p when none is picked (the paper's "remain base"). The scale applies
 to the last block of the position, as in the reference implementation, and the engine folds it into the
-weights (see the README). A stack deeper than `max_depth` is skipped: never evaluated, not a failure.
+weights (see docs/merging.md). A stack deeper than `max_depth` is skipped: never evaluated, not a failure.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import optuna
 
 from mergesearch_trial_runner.plan.ir import MergePlan
 
-from .base import ModelFacts, SearchSpace, Skip
+from .base import ModelFacts, SearchSpace, Skip, SpaceError
 
 
 class DepthwiseIntegration(SearchSpace):
@@ -30,6 +30,12 @@ class DepthwiseIntegration(SearchSpace):
     ):
         super().__init__(facts, seed=seed)
         self.max_depth = max_depth or (3 * facts.num_layers) // 2
+        if self.max_depth < facts.num_layers:  # every position stacks at least one layer
+            raise SpaceError(
+                "maxDepth",
+                f"maxDepth {self.max_depth} is below the base's {facts.num_layers} layers, so every candidate "
+                f"would be skipped; set maxDepth to at least {facts.num_layers} (default: 1.5x the base's depth)",
+            )
         self.scale_range = scale_range
 
     def suggest(self, trial: optuna.trial.BaseTrial) -> MergePlan | Skip:

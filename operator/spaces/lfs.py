@@ -16,38 +16,36 @@ from typing import Any
 import optuna
 
 from mergesearch_trial_runner.plan.ir import MergePlan
-from mergesearch_trial_runner.plan.methods import get_method
+from mergesearch_trial_runner.plan.methods import Searched, get_method
 
-from .base import ModelFacts, SearchSpace, Skip
+from .base import ModelFacts, SearchSpace, Skip, SpaceError
 from .baselines import HAND_RECIPES, Recipe
 
 REST = "rest"
-# (method, parameter) -> search range; per-source parameters are asked once per expert. Task arithmetic
-# has a scale per group as in the paper: weights in [0, 1] alone make summed task vectors one corner of
-# the cube, and on real LLMs the sum is often where the good merges are (the mean is near the base).
-RANGES: dict[tuple[str, str], tuple[float, float]] = {
-    ("linear", "weight"): (0.0, 1.0),
-    ("task_arithmetic", "weight"): (0.0, 1.0),
-    ("task_arithmetic", "lambda"): (0.5, 2.0),
-    ("ties", "weight"): (0.0, 1.0),
-    ("ties", "density"): (0.1, 1.0),
-    ("ties", "lambda"): (0.5, 1.5),
-    ("dare_linear", "weight"): (0.0, 1.0),
-    ("dare_linear", "density"): (0.1, 1.0),
-    ("dare_ties", "weight"): (0.0, 1.0),
-    ("dare_ties", "density"): (0.1, 1.0),
-    ("slerp", "t"): (0.0, 1.0),
-}
-PER_SOURCE = {"weight"}
-# (method, parameter) -> choices: TIES normalised (mergekit's default) or summed.
-CHOICES: dict[tuple[str, str], tuple[bool, ...]] = {("ties", "normalize"): (True, False)}
+# Values of the searched parameters that leave one expert's task vector as it is, and the methods tried
+# in order to express an expert alone (the simplest plan first).
+NEUTRAL: dict[str, float | bool] = {"lambda": 1.0, "density": 1.0, "normalize": True}
+EXPERT_ALONE_ORDER = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+
+
+def _suggest(trial: optuna.trial.BaseTrial, name: str, search: Searched) -> float | bool:
+    if search.choices:
+        return trial.suggest_categorical(name, search.choices)
+    return trial.suggest_float(name, search.low, search.high)
+
+
+def _within(value: object, search: Searched) -> bool:
+    if search.choices:
+        return value in search.choices
+    return isinstance(value, int | float) and not isinstance(value, bool) and search.low <= value <= search.high
 
 
 def layer_groups(num_layers: int, *, groups: int | None = None, per_group: int | None = None) -> list[tuple[int, int]]:
     """Contiguous [start, end) ranges covering every layer; earlier groups take the remainder."""
     count = groups if groups is not None else -(-num_layers // (per_group or num_layers))
     if not 1 <= count <= num_layers:
-        raise ValueError(f"{count} layer groups do not fit a model of {num_layers} layers")
+        field = "layerGroups" if groups is not None else "layersPerGroup"
+        raise SpaceError(field, f"{count} layer groups do not fit a model of {num_layers} layers")
     size, extra = divmod(num_layers, count)
     ranges, start = [], 0
     for index in range(count):
@@ -83,47 +81,39 @@ class LayerwiseFusion(SearchSpace):
 
     def _group_slice(self, trial: optuna.trial.BaseTrial, g: int, start: int, end: int) -> dict[str, Any]:
         method = trial.suggest_categorical(f"g{g}.method", self.methods)
+        spec = get_method(method)
         layers = [start, end]
-        if method == "slerp":
-            pair = str(trial.suggest_categorical(f"g{g}.slerp.pair", self.slerp_pairs))
-            first, second = pair.split("|")
-            t = {tg: trial.suggest_float(f"g{g}.slerp.{tg}.t", *RANGES[("slerp", "t")]) for tg in self.tensor_groups}
+
+        def per_tensor_group(name: str, search: Searched) -> list[dict[str, Any]]:
+            values = {tg: _suggest(trial, f"g{g}.{method}.{tg}.{name}", search) for tg in self.tensor_groups}
+            return self._conditional(values)
+
+        if method == "slerp":  # besides t, which pair to interpolate: the base or an expert, and an expert
+            first, second = str(trial.suggest_categorical(f"g{g}.slerp.pair", self.slerp_pairs)).split("|")
             return {
                 "method": "slerp",
                 "base": {"model": first, "layers": layers},
                 "sources": [{"model": second, "layers": layers}],
-                "params": {"t": self._conditional(t)},
+                "params": {p.name: per_tensor_group(p.name, p.search) for p in spec.searched_params if p.search},
             }
-        names = [name for (m, name) in RANGES if m == method]
-        shared = {
-            name: self._conditional(
-                {
-                    tg: trial.suggest_float(f"g{g}.{method}.{tg}.{name}", *RANGES[(method, name)])
-                    for tg in self.tensor_groups
-                }
-            )
-            for name in names
-            if name not in PER_SOURCE
-        }
-        for (m, name), choices in CHOICES.items():
-            if m == method:
-                shared[name] = self._conditional(
-                    {tg: trial.suggest_categorical(f"g{g}.{method}.{tg}.{name}", choices) for tg in self.tensor_groups}
-                )
-        sources = []
-        for expert in self.facts.experts:
-            weights = {
-                tg: trial.suggest_float(f"g{g}.{method}.{tg}.weight.{expert}", *RANGES[(method, "weight")])
-                for tg in self.tensor_groups
+        searched = [(p.name, p.search) for p in spec.searched_params if p.search is not None]
+        shared = {name: per_tensor_group(name, search) for name, search in searched if not search.per_source}
+        per_source = [(name, search) for name, search in searched if search.per_source]
+        sources = [
+            {
+                "model": expert,
+                "layers": layers,
+                "params": {name: per_tensor_group(f"{name}.{expert}", search) for name, search in per_source},
             }
-            sources.append({"model": expert, "layers": layers, "params": {"weight": self._conditional(weights)}})
+            for expert in self.facts.experts
+        ]
         if method == "linear" and all(
             entry["value"] < 1e-6 for s in sources for entry in s["params"]["weight"]
         ):  # all weights zero cannot be normalised: read as uniform
             for s in sources:
                 s["params"]["weight"] = 1.0
         layer_slice: dict[str, Any] = {"method": method, "sources": sources, "params": shared}
-        if method != "linear":
+        if spec.needs_base:
             layer_slice["base"] = {"model": "base", "layers": layers}
         return layer_slice
 
@@ -145,32 +135,48 @@ class LayerwiseFusion(SearchSpace):
         """The parameters that make every group `recipe`, or None where the space cannot express it."""
         if recipe.method not in self.methods:
             return None
-        spec = get_method(recipe.method)
+        searched = [p for p in get_method(recipe.method).searched_params if p.search is not None]
+        if set(recipe.params) - {p.name for p in searched}:  # a parameter the space keeps at its default
+            return None
         weight = recipe.weight_for(len(self.facts.experts))
-        low, high = RANGES[(recipe.method, "weight")]
-        if not low <= weight <= high:
-            return None
-        values: dict[str, Any] = {f"weight.{e}": weight for e in self.facts.experts}
-        for (method, name), (low, high) in RANGES.items():
-            if method == recipe.method and name not in PER_SOURCE:
-                values[name] = recipe.params.get(name, spec.param(name).default)
-                if not low <= values[name] <= high:
-                    return None
-        for (method, name), choices in CHOICES.items():
-            if method == recipe.method:
-                values[name] = recipe.params.get(name, spec.param(name).default)
-                if values[name] not in choices:
-                    return None
-        if set(recipe.params) - set(values):  # a parameter the space keeps at its default
-            return None
+        values: dict[str, Any] = {}
+        for param in searched:
+            value = weight if param.name == "weight" else recipe.params.get(param.name, param.default)
+            if not _within(value, param.search):
+                return None
+            if param.search.per_source:
+                values.update({f"{param.name}.{e}": value for e in self.facts.experts})
+            else:
+                values[param.name] = value
         return self._everywhere(recipe.method, values)
 
+    def expert_params(self, expert: str) -> dict[str, Any] | None:
+        """The parameters that make every group `expert` alone, or None where no method can say it.
+
+        A weighted method says it with one-hot weights and neutral parameters (no dropping, no scale,
+        normalised), SLERP with t = 1 from the base; the first method in `EXPERT_ALONE_ORDER` is used."""
+        ordered = sorted(self.methods, key=lambda m: EXPERT_ALONE_ORDER.index(m) if m in EXPERT_ALONE_ORDER else 99)
+        for method in ordered:
+            searched = [p for p in get_method(method).searched_params if p.search is not None]
+            if method == "slerp":
+                params = self._everywhere("slerp", {"t": 1.0})
+                params.update({f"g{g}.slerp.pair": f"base|{expert}" for g in range(len(self.groups))})
+                return params
+            values: dict[str, Any] = {}
+            for param in searched:
+                if param.name == "weight":
+                    values.update({f"weight.{e}": float(e == expert) for e in self.facts.experts})
+                elif param.name in NEUTRAL and _within(NEUTRAL[param.name], param.search):
+                    values[param.name] = NEUTRAL[param.name]
+                else:
+                    break  # a parameter without a neutral value: this method cannot say it
+            else:
+                if any(p.name == "weight" for p in searched):
+                    return self._everywhere(method, values)
+        return None
+
     def initial_params(self) -> list[dict[str, Any]]:
-        experts = list(self.facts.experts)
-        design = []
-        if "linear" in self.methods:
-            for chosen in experts:
-                design.append(self._everywhere("linear", {f"weight.{e}": float(e == chosen) for e in experts}))
+        design = [params for e in self.facts.experts if (params := self.expert_params(e)) is not None]
         for recipe in HAND_RECIPES:
             params = self.recipe_params(recipe)
             if params is not None and params not in design:

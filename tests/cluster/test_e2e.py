@@ -10,6 +10,7 @@ A real Prometheus scrapes the operator throughout.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -146,6 +147,27 @@ class Cluster:
         )
         assert result.returncode == 0, result.stderr
 
+    def patch(self, name: str, spec: dict[str, Any]) -> None:
+        """`kubectl patch` the search's spec, as a user edits a running search."""
+        result = subprocess.run(
+            ["kubectl", "patch", "mergesearch", name, "--type", "merge", "-p", json.dumps({"spec": spec})],
+            env=self.env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+
+    def created_pods(self, search: str) -> list[dict[str, Any]]:
+        """The bodies of the search's pods as the operator created them."""
+        return [
+            r.data
+            for r in self.kube.requests
+            if r.action == kmock.action.CREATE
+            and r.resource is not None
+            and r.resource.plural == "pods"
+            and r.data["metadata"]["name"].startswith(f"{search}-")
+        ]
+
     def search(self, name: str) -> dict[str, Any]:
         return self.kube.object(MERGESEARCH, NAMESPACE, name) or {}
 
@@ -182,6 +204,9 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, world, s3_server, postgres):
     from support.kube import KubeServer
+
+    if os.geteuid() != 0:  # said once, as a skip, rather than as every test's RuntimeError
+        pytest.skip("needs root: the test kubelet runs each trial pod in its own mount namespace (unshare -m)")
 
     for bucket in ("models", "evals"):
         s3_server.create_bucket(bucket)
@@ -375,3 +400,78 @@ def test_a_bad_resource_gets_a_condition_and_an_event_and_others_go_on(cluster):
     events = [e for e in cluster.core.list_namespaced_event(NAMESPACE).items if e.involved_object.name == "broken"]
     assert any(e.type == "Warning" and e.reason == "InvalidSpec" for e in events)
     assert cluster.operator is not None and cluster.operator.poll() is None  # no crash loop
+
+
+def quick(name: str, *, max_trials: int, **spec: Any) -> dict[str, Any]:
+    """A search whose trials are short: one rung (every trial at 20 samples), two at a time."""
+    document = manifest(name, max_trials=max_trials)
+    document["spec"]["fidelity"] = {"minSamples": 20, "maxSamples": 20}
+    document["spec"]["search"]["multiFidelity"] = False
+    for key, value in spec.items():
+        document["spec"][key] = {**document["spec"].get(key, {}), **value} if isinstance(value, dict) else value
+    return document
+
+
+TEMPLATE = {
+    "imagePullSecrets": [{"name": "regcred"}],
+    "priorityClassName": "batch-low",
+    "env": [{"name": "EXTRA_SETTING", "value": "on"}],
+    "volumes": [{"name": "extra", "emptyDir": {}}],
+    "volumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+    "labels": {"team": "research"},
+    "annotations": {"example.com/note": "from the template"},
+}
+
+
+def test_suspend_resume_and_a_raised_max_trials_through_the_operator(cluster):
+    """A search created suspended starts no pod until resumed; once it has succeeded, raising maxTrials runs
+    the extra trials and finishes again. Its pods carry the search's pod template."""
+    name = "paused"
+    cluster.fault = lambda pod: None
+    cluster.apply(quick(name, max_trials=2, suspend=True, trial=TEMPLATE))
+    status = cluster.wait_for(name, ("Suspended",), timeout=120)
+    assert status["message"].startswith("suspended")
+    time.sleep(5)  # several reconciles (every second here): still nothing started
+    assert not cluster.created_pods(name) and cluster.search(name)["status"]["phase"] == "Suspended"
+
+    cluster.patch(name, {"suspend": False})
+    status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=600)
+    assert status["phase"] == "Succeeded" and sum(status["trials"].values()) == 2, status
+    pods = cluster.created_pods(name)
+    assert pods
+    for pod in pods:  # the template, applied by the real operator, beside its own parts
+        meta, spec = pod["metadata"], pod["spec"]
+        container = spec["containers"][0]
+        assert meta["labels"]["team"] == "research" and meta["labels"]["mergesearch.io/search"] == name
+        assert meta["annotations"] == TEMPLATE["annotations"]
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}] and spec["priorityClassName"] == "batch-low"
+        assert {"name": "extra", "emptyDir": {}} in spec["volumes"]
+        assert {"name": "extra", "mountPath": "/extra"} in container["volumeMounts"]
+        assert container["env"][-1] == {"name": "EXTRA_SETTING", "value": "on"}
+        assert container["env"][0]["name"] == "MERGESEARCH_TRIAL_SPEC"
+
+    cluster.patch(name, {"budget": {"maxTrials": 3}})
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = cluster.search(name).get("status") or {}
+        if sum(status.get("trials", {}).values()) == 3 and status.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(1)
+    assert status["phase"] == "Succeeded" and sum(status["trials"].values()) == 3, status
+    assert status["observedGeneration"] == 3  # created, resumed, raised
+    trial_pods = [p["metadata"]["name"] for p in cluster.created_pods(name) if "-final-" not in p["metadata"]["name"]]
+    assert any("-t2-" in pod for pod in trial_pods), trial_pods
+
+
+def test_max_gpu_seconds_stops_the_search_and_says_so(cluster):
+    name = "gpu-budget"
+    cluster.fault = lambda pod: None
+    cluster.apply(quick(name, max_trials=50, budget={"maxGpuSeconds": 1}))
+    status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=600)
+    assert status["phase"] == "Succeeded", status
+    assert status["message"].startswith("done: budget.maxGpuSeconds reached ("), status["message"]
+    assert status["deviceSeconds"] >= 1
+    # the runs in flight when the budget ran out finish; no new trial starts
+    assert 1 <= sum(status["trials"].values()) <= 2, status
+    events = [e for e in cluster.core.list_namespaced_event(NAMESPACE).items if e.involved_object.name == name]
+    assert any(e.reason == "Succeeded" and "budget.maxGpuSeconds" in (e.message or "") for e in events)

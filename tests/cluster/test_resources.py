@@ -12,7 +12,7 @@ from mergesearch_operator.k8s.executor import KubernetesExecutor, PodView
 from mergesearch_operator.k8s.pods import LABEL_SEARCH, SPEC_ENV, spec_of, trial_pod
 from mergesearch_operator.k8s.settings import OperatorSettings
 from mergesearch_operator.k8s.status import search_status
-from mergesearch_operator.search.controller import SearchStatus
+from mergesearch_operator.search.controller import Best, SearchStatus
 from mergesearch_operator.spec import Trial
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
@@ -33,6 +33,14 @@ def test_the_crd_is_structural():
     assert space["properties"]["type"]["enum"] == ["LFS", "DIS"] and space["required"] == ["type"]
     budget = schema["properties"]["spec"]["properties"]["budget"]["properties"]
     assert budget["parallelTrials"]["minimum"] == 1 and budget["maxTrials"]["default"] == 100
+
+
+def test_the_crd_gives_no_search_space_a_default_of_another_type():
+    """The API server applies a default wherever the field is absent: DIS's scaleRange would reach LFS spaces,
+    which refuse it. Neither variant's own fields carry a default in the merged schema."""
+    schema = custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    space = schema["properties"]["spec"]["properties"]["searchSpace"]["properties"]
+    assert not [name for name, prop in space.items() if "default" in prop]
 
 
 def spec(name: str = "s-t3-r1") -> TrialSpec:
@@ -159,6 +167,12 @@ def test_pod_states_become_run_outcomes(view, phase, failure, cause):
         assert status.result.tasks["t"].correct == 3 and status.seconds == 10.0
 
 
+def test_an_image_pull_failure_names_the_image_the_pod_runs():
+    ex, _ = executor()  # its Trial() names no image: the pod runs the operator's
+    ex.observe({"s-t3-r1": pod(phase="Pending", waiting_reason="ImagePullBackOff", created=900.0)})
+    assert ex.poll("s-t3-r1").reason == f"cannot pull image {OperatorSettings().trial_image}: ImagePullBackOff"
+
+
 def test_pods_from_the_watch_are_read_from_their_status():
     body = {
         "metadata": {"name": "s-t1-r0", "creationTimestamp": "2026-01-01T00:00:00Z"},
@@ -204,7 +218,7 @@ def test_status_is_small_whatever_the_number_of_trials():
         rungs=[90000, 30000, 10000],
         running_per_rung=[40, 20, 4],
         budgets=[100, 300, 1000],
-        best={"trial": 123, "value": 0.61, "objectives": {f"task{i}": 0.5 for i in range(8)}},
+        best=Best(trial=123, value=0.61, objectives={f"task{i}": 0.5 for i in range(8)}),
         front=[{"trial": i, "objectives": {f"task{j}": 0.5 for j in range(8)}} for i in range(10)],
         final={f"expert:e{i}": {f"task{j}": 0.5 for j in range(8)} for i in range(40)},
     )
@@ -213,9 +227,11 @@ def test_status_is_small_whatever_the_number_of_trials():
     assert len(body["heldOut"]) <= 24 and body["observedGeneration"] == 3
 
 
-def test_the_readme_reference_is_generated_from_the_schema():
+def test_the_docs_reference_is_generated_from_the_schema():
     from mergesearch_operator.reference import END, START, reference_markdown
 
-    readme = (ROOT / "README.md").read_text()
-    current = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    page = (ROOT / "docs" / "reference.md").read_text()
+    current = page.split(START, 1)[1].split(END, 1)[0].strip()
     assert current == reference_markdown(), "run: make docs"
+    # defaults made by factories, which the schema leaves out, are shown too
+    assert '| `trial.resources` | object | `{"limits": {"nvidia.com/gpu": 1}}` |' in current

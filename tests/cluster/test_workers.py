@@ -15,9 +15,9 @@ from mergesearch_operator.executors.base import RunPhase, RunStatus
 from mergesearch_operator.executors.worker import TOKEN_ENV, WorkerUnreachable
 from mergesearch_operator.k8s.executor import PodView
 from mergesearch_operator.k8s.pods import LABEL_ROLE, LABEL_SEARCH, worker_pod
-from mergesearch_operator.k8s.runtime import _defining, effective_spec
 from mergesearch_operator.k8s.settings import OperatorSettings
 from mergesearch_operator.k8s.workers import WorkerPodExecutor
+from mergesearch_operator.search.study import defining, effective_spec
 from mergesearch_operator.spec import Trial, parse_manifest
 from mergesearch_trial_runner.spec import TrialSpec
 
@@ -252,17 +252,22 @@ def test_after_a_restart_workers_that_exited_or_stay_silent_are_deleted_and_pend
     assert world.api.deleted == ["s-w0", "s-w2"]
 
 
-def test_reuse_pods_is_fixed_once_a_search_has_started():
+def test_reuse_pods_the_sampler_and_its_seed_are_fixed_once_a_search_has_started():
     example = Path(__file__).parents[2] / "manifests" / "examples" / "lfs-single-objective.yaml"
     document = yaml.safe_load(example.read_text())
     first = parse_manifest(document).spec
-    accepted = _defining(first)
+    accepted = defining(first)
     document["spec"].setdefault("trial", {})["reusePods"] = not first.trial.reuse_pods
     document["spec"]["trial"]["timeoutSeconds"] = 1234
-    document["spec"].setdefault("search", {})["multiFidelity"] = not first.search.multi_fidelity
+    search = document["spec"].setdefault("search", {})
+    search.update(multiFidelity=not first.search.multi_fidelity, seed=first.search.seed + 1, sampler="random")
+    document["spec"].setdefault("budget", {})["maxTrials"] = first.budget.max_trials + 5
     edited = parse_manifest(document).spec
     spec, refused = effective_spec(edited, accepted)
-    assert refused == ["search.multiFidelity", "trial.reusePods"]  # named as the user writes them
+    # named as the user writes them
+    assert refused == ["search.multiFidelity", "search.sampler", "search.seed", "trial.reusePods"]
     assert spec.trial.reuse_pods == first.trial.reuse_pods and spec.trial.timeout_seconds == 1234
+    assert (spec.search.sampler, spec.search.seed) == (first.search.sampler, first.search.seed)
+    assert spec.budget.max_trials == first.budget.max_trials + 5  # budgets may change
     accepted.pop("trial")  # a study from before reusePods: whatever it says now is accepted
-    assert effective_spec(edited, accepted)[1] == ["search.multiFidelity"]
+    assert "trial.reusePods" not in effective_spec(edited, accepted)[1]

@@ -110,6 +110,16 @@ def test_unknown_or_bad_settings_name_the_field():
         validate_settings("vllm", {"engine_args": {"enforce_eager": True}})
 
 
+def test_no_setting_turns_on_remote_code():
+    """A checkpoint's own Python code never runs in a trial: neither backend takes trust_remote_code, and
+    vLLM's passthrough to vllm.LLM refuses it."""
+    for backend in ("hf", "vllm"):
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            validate_settings(backend, {"trust_remote_code": True})
+    with pytest.raises(ValueError, match="engine_args must not set trust_remote_code"):
+        validate_settings("vllm", {"engine_args": {"trust_remote_code": True}})
+
+
 def test_vllm_settings_resolve_to_explicit_engine_arguments_per_device():
     settings = VLLMSettings(max_model_len=2048, engine_args={"swap_space": 0})
     cpu = settings.resolve("cpu", CONFIG)

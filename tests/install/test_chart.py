@@ -43,6 +43,7 @@ CUSTOM = {
         "service": {"annotations": {"example.org/scrape": "true"}},
         "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
     },
+    "alerts": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "searchStuck": {"after": "3h"}},
     "health": {"port": 8082},
     "grafanaDashboard": {
         "namespace": "monitoring",
@@ -84,10 +85,11 @@ def test_lint_is_clean(chart: Path, scenario: str):
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_every_rendered_object_is_valid(chart: Path, scenario: str):
     """kubernetes-validate --strict accepts every object (CRD included) for Kubernetes 1.27 and 1.37; the
-    ServiceMonitor, whose schema it lacks, is checked by test_service_monitor_selects_the_metrics_service."""
+    ServiceMonitor, whose schema it lacks, is checked by test_service_monitor_selects_the_metrics_service, the
+    PrometheusRule by test_alerts."""
     objects = render_chart(chart, SCENARIOS[scenario])
     unchecked = validate_strictly(objects)
-    assert {kind for kind, _, _ in unchecked} <= {"ServiceMonitor"}
+    assert {kind for kind, _, _ in unchecked} <= {"ServiceMonitor", "PrometheusRule"}
 
 
 def test_defaults_render_the_expected_objects(chart: Path):
@@ -167,6 +169,70 @@ def test_operator_settings_read_the_environment_the_chart_sets(chart: Path):
     settings = pytest.importorskip("mergesearch_operator.k8s.settings", reason="operator settings not importable")
     fields = {f"MERGESEARCH_{name.upper()}" for name in settings.OperatorSettings.model_fields}
     assert set(_env(render_chart(chart, CUSTOM))) <= fields
+
+
+def _defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """`value` with the schema's defaults filled in where it has no such field, as the API server stores it."""
+    if isinstance(value, dict):
+        for name, field in schema.get("properties", {}).items():
+            if name not in value and "default" in field:
+                value[name] = json.loads(json.dumps(field["default"]))
+            if name in value:
+                _defaulted(field, value[name])
+        if isinstance(schema.get("additionalProperties"), dict):
+            for item in value.values():
+                _defaulted(schema["additionalProperties"], item)
+    elif isinstance(value, list) and "items" in schema:
+        for item in value:
+            _defaulted(schema["items"], item)
+    return value
+
+
+def test_the_trial_image_value_reaches_the_trial_pods_of_a_search_that_names_none(
+    chart: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The chart's trial.image (an air-gapped cluster's own registry) runs the trials of a search that names no
+    image: the chart gives it to the operator as MERGESEARCH_TRIAL_IMAGE, the CRD fills in no image of its
+    own, and the operator's pod builder falls back to its setting."""
+    pytest.importorskip("kopf", reason="the operator's dependencies are not installed")
+    from mergesearch_operator.k8s.pods import trial_pod
+    from mergesearch_operator.k8s.runtime import parse_spec
+    from mergesearch_operator.k8s.settings import OperatorSettings
+    from mergesearch_trial_runner.plan.ir import MergePlan
+    from mergesearch_trial_runner.spec import TrialSpec
+
+    objects = render_chart(chart, CUSTOM)
+    for name, value in _env(objects).items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    (version,) = one(objects, "CustomResourceDefinition")["spec"]["versions"]
+    spec = {
+        "models": {"base": "s3://models/base", "experts": [{"name": "a", "uri": "s3://models/a"}]},
+        "searchSpace": {"type": "LFS"},
+        "objectives": [{"name": "t", "data": "s3://tasks/t.jsonl"}],
+        "trial": {"backend": "vllm"},
+    }
+    stored = _defaulted(version["schema"]["openAPIV3Schema"], {"spec": spec})["spec"]
+    assert "image" not in stored["trial"]
+    plan = MergePlan.model_validate(
+        {
+            "models": {"base": "s3://models/base", "a": "s3://models/a"},
+            "base_model": "base",
+            "slices": [{"method": "linear", "sources": [{"model": "a", "layers": [0, 2], "params": {"weight": 1.0}}]}],
+        }
+    )
+    pod = trial_pod(
+        spec=TrialSpec(name="s-t0-r0", plan=plan, tasks=[{"name": "t", "data": "s3://tasks/t.jsonl"}], ranges={}),
+        search="s",
+        namespace="team-a",
+        owner_uid="uid",
+        trial=parse_spec("s", "team-a", stored).trial,
+        s3_secret=settings.s3_secret,
+        settings=settings,
+        trial_number=0,
+        rung=0,
+    )
+    assert pod["spec"]["containers"][0]["image"] == "registry.example.org/ml/mergesearch-trial:0.1.0-rc1-cu13"
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)

@@ -29,6 +29,7 @@ KUBERNETES_VERSIONS = ("1.27.0", "1.37.0")
 # Kinds of other projects, whose schemas kubernetes-validate does not ship; tests check them otherwise.
 FOREIGN_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),  # prometheus-operator: structural checks in test_chart
+    ("monitoring.coreos.com/v1", "PrometheusRule"),  # prometheus-operator: promtool and Prometheus in test_alerts
     ("argoproj.io/v1alpha1", "Application"),  # Argo CD: paths and namespaces checked in test_kustomize
     ("mergesearch.io/v1alpha1", "MergeSearch"),  # ours: parse_manifest and the CRD's schema in test_examples
 }

@@ -1,12 +1,32 @@
-"""Untrained tiny Llama checkpoints for engine tests: fast to build, real files."""
+"""Untrained tiny Llama checkpoints for engine tests (fast to build, real files), mergekit 0.1.5, and reading merges."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from mergesearch_trial_runner.testbed.models import TinyLlama, random_llama
+
+
+def load(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a merged model directory, whatever its sharding."""
+    state: dict[str, torch.Tensor] = {}
+    for file in model_dir.glob("*.safetensors"):
+        state.update(load_file(file))
+    return state
+
+
+@pytest.fixture(scope="session")
+def mergekit_yaml() -> Path:
+    """mergekit 0.1.5's `mergekit-yaml` (its `mergekit-multi` lies beside it), from its own environment."""
+    path = os.environ.get("MERGEKIT_YAML")
+    if not path or not Path(path).exists():
+        pytest.fail("MERGEKIT_YAML must point at mergekit 0.1.5's mergekit-yaml; `make test` sets it up")
+    return Path(path)
 
 
 @pytest.fixture(scope="session")

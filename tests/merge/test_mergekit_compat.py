@@ -6,16 +6,15 @@ and points MERGEKIT_YAML at its `mergekit-yaml`.
 
 from __future__ import annotations
 
-import os
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mergesearch_operator.cli import main as mergesearch
 from mergesearch_trial_runner.plan.mergekit import MergekitError, from_mergekit_yaml
+
+from .conftest import load
 
 RECIPES = {
     "linear": """
@@ -92,19 +91,6 @@ dtype: float32
 }
 
 
-def load(model_dir: Path) -> dict[str, torch.Tensor]:
-    state: dict[str, torch.Tensor] = {}
-    for file in model_dir.glob("*.safetensors"):
-        state.update(load_file(file))
-    return state
-
-
-@pytest.fixture(scope="module")
-def mergekit_yaml() -> str:
-    path = os.environ.get("MERGEKIT_YAML")
-    if not path or not Path(path).exists():
-        pytest.fail("MERGEKIT_YAML must point at mergekit 0.1.5's mergekit-yaml; `make test` sets it up")
-    return path
 
 
 @pytest.mark.slow

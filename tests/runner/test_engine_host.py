@@ -23,7 +23,8 @@ import pytest
 
 from mergesearch_operator.executors.base import RunPhase, RunStatus
 from mergesearch_operator.executors.local import LocalExecutor
-from mergesearch_trial_runner.cli import classify, load_samples, run_trial
+from mergesearch_trial_runner.cli import load_samples, run_trial
+from mergesearch_trial_runner.errors import classify
 from mergesearch_trial_runner.evaluate.engine_host import EngineHostLost, HostAddress, HostedEvaluator
 from mergesearch_trial_runner.evaluate.settings import VLLMSettings
 from mergesearch_trial_runner.merge.engine import merge_to_directory

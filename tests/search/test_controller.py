@@ -8,12 +8,21 @@ from dataclasses import dataclass, field
 import pytest
 from optuna.trial import TrialState
 
-from mergesearch_operator.search.controller import SearchController, decision_key, result_key
+from mergesearch_operator.search.controller import (
+    MAX_SKIPS_IN_A_ROW,
+    MAX_SKIPS_PER_RECONCILE,
+    SearchController,
+    decision_key,
+    result_key,
+)
 from mergesearch_operator.search.hyperband import promotable
 from mergesearch_operator.search.objectives import weighted_score
+from mergesearch_operator.spaces import DepthwiseIntegration, Skip, build_space
 from mergesearch_operator.spaces.baselines import HAND_RECIPES
+from mergesearch_operator.spec import parse_manifest
+from mergesearch_trial_runner.plan.ir import MergePlan
 
-from .conftest import EXPERTS, make_controller, manifest, run_to_end
+from .conftest import EXPERTS, FACTS, make_controller, manifest, run_to_end
 from .synthetic import SyntheticExecutor
 
 
@@ -31,7 +40,7 @@ def test_search_runs_to_the_end_and_reports_the_best(storage, executor):
     assert sum(status.trials.values()) == 30
     assert status.trials["completed"] >= 1 and status.trials["pruned"] >= 1
     completed = controller.study.get_trials(states=(TrialState.COMPLETE,))
-    assert status.best["value"] == pytest.approx(max(t.value for t in completed))
+    assert status.best.value == pytest.approx(max(t.value for t in completed))
     assert set(status.final) == {"best", *(r.label for r in HAND_RECIPES), *(f"expert:{e}" for e in EXPERTS)}
 
 
@@ -160,6 +169,7 @@ def test_sample_budget_stops_the_search(storage, executor):
     # Runs in flight when the budget ran out finish: at most parallelTrials runs of the largest range.
     assert 1500 <= status.samples_used <= 1500 + 4 * 3 * 60
     assert sum(status.trials.values()) < 200
+    assert status.message.startswith("done: budget.maxSamples reached (")  # says which budget stopped it
 
 
 def test_raising_max_trials_continues_a_finished_search(storage, executor):
@@ -196,6 +206,50 @@ def test_dis_plans_over_the_depth_cap_are_skipped_not_failed(storage, executor):
     assert status.trials["skipped"] > 0 and status.trials["failed"] == 0
     for trial in controller.study.get_trials(states=(TrialState.COMPLETE,)):
         assert controller.space.plan_of(trial.params).num_layers <= 5
+
+
+class NothingEvaluable(DepthwiseIntegration):
+    """A space whose every candidate is skipped, whatever the cause."""
+
+    def suggest(self, trial):
+        super().suggest(trial)
+        return Skip("too deep")
+
+
+def test_a_run_of_skipped_candidates_stops_the_search(storage, executor):
+    document = manifest(budget={"maxTrials": 12})
+    document["spec"]["searchSpace"] = {"type": "DIS"}
+    controller: SearchController = make_controller(document, storage, executor)
+    controller.space = NothingEvaluable(FACTS)
+    status = run_to_end(controller, limit=20)
+    assert status.phase == "Failed"
+    assert f"the last {MAX_SKIPS_IN_A_ROW} candidates were all skipped (too deep)" in status.message
+    assert len(controller.study.get_trials()) <= MAX_SKIPS_IN_A_ROW + MAX_SKIPS_PER_RECONCILE
+    assert executor.evaluated == []
+    assert controller.reconcile().phase == "Failed"  # and it stays stopped
+
+
+def test_a_trial_keeps_the_plan_it_was_launched_with_across_rungs(storage, executor):
+    """A space whose code changes mid-search (here: other layer groups) changes new candidates only."""
+    controller = make_controller(manifest(budget={"maxTrials": 24}), storage, executor)
+    for _ in range(3):
+        controller.reconcile()
+    launched = {t.number for t in controller.study.get_trials() if t.user_attrs.get("ready")}
+    changed = manifest(searchSpace={"type": "LFS", "layerGroups": 4, "methods": ["linear", "task_arithmetic", "ties"]})
+    controller.space = build_space(parse_manifest(changed).spec, FACTS)
+    assert run_to_end(controller).phase == "Succeeded"
+    plans: dict[str, set[str]] = defaultdict(set)
+    for name, run in executor.runs.items():
+        plans[name.split("-r")[0]].add(run["spec"].plan.to_json())
+    promoted = [t for t in launched if len(executor_runs(executor, t)) > 1]
+    assert promoted, "no trial launched before the change went on to another rung"
+    assert all(len(found) == 1 for found in plans.values())  # one plan per trial, whatever its rungs
+    for trial in launched:  # still the 2 layer groups they were launched with
+        assert all(len(MergePlan.model_validate_json(p).slices) == 2 for p in plans[f"synthetic-t{trial}"])
+
+
+def executor_runs(executor: SyntheticExecutor, trial: int) -> list[str]:
+    return [name for name in executor.runs if name.startswith(f"synthetic-t{trial}-r")]
 
 
 def test_one_bracket_starts_every_trial_at_the_lowest_rung(storage, executor):

@@ -78,7 +78,7 @@ def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_pa
 
     # Two trials run at once, so which finishes first (and so Hyperband's decisions) depends on timing;
     # against single experts the held-out margin then goes either way (in this world merges that trade one
-    # task for another score alike out of sample: README, Search efficiency). Uniform task arithmetic is
+    # task for another score alike out of sample: docs/benchmarks.md, Search efficiency). Uniform task arithmetic is
     # in the initial design, so the best may be that very merge: the search must not end below it.
     assert held_out("best") >= held_out("task_arithmetic"), {label: held_out(label) for label in final}
     assert {f"expert:{e}" for e in world.experts} <= set(final)  # the experts are compared in the final stage
@@ -87,6 +87,72 @@ def test_a_search_on_the_tiny_models_beats_uniform_task_arithmetic(world, tmp_pa
     scores = json.loads((out / "scores.json").read_text())
     assert scores["reverse"]["split"] == "test" and scores["reverse"]["evaluated"] == 300
     assert (out / "mergesearch_plan.json").exists()
+    # Not a terminal: plain progress lines as the search goes, not one live panel at the end.
+    lines = [line for line in run.stdout.splitlines() if "trials: running=" in line]
+    assert len(lines) >= 5 and "Running" in lines[0] and "Succeeded" in lines[-1], run.stdout[-3000:]
+    assert run.stdout.endswith("\n")
+
+
+def test_a_changed_manifest_is_refused_on_resume_and_restart_starts_over(world, tmp_path):
+    from mergesearch_operator.local import LocalSearch, SearchChanged
+    from mergesearch_operator.spec import load_manifest
+
+    first = write_manifest(tmp_path / "first.yaml", world, name="edited", max_trials=4)
+    document = yaml.safe_load(first.read_text())
+    document["spec"]["suspend"] = True  # the study and its initial design, no run
+    first.write_text(yaml.safe_dump(document))
+    work = tmp_path / "work"
+    LocalSearch.for_manifest(load_manifest(first), work_dir=work).controller().reconcile()
+    started = len(study_of(work, "edited").trials)
+    assert started > 0
+    document["spec"]["searchSpace"]["layerGroups"] = 3
+    document["spec"]["search"]["seed"] = 7
+    document["spec"]["budget"]["maxTrials"] = 6  # a budget may change on resume
+    second = tmp_path / "second.yaml"
+    second.write_text(yaml.safe_dump(document))
+
+    run = subprocess.run([*MERGESEARCH, "run", str(second), "--work-dir", str(work)], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "other values of search.seed, searchSpace" in run.stderr and "--restart" in run.stderr, run.stderr
+    assert len(study_of(work, "edited").trials) == started  # nothing was mixed in
+
+    search = LocalSearch.for_manifest(load_manifest(second), work_dir=work)
+    with pytest.raises(SearchChanged):
+        search.controller()
+    search.discard()  # what --restart does
+    assert optuna.get_all_study_names(f"sqlite:///{work / 'study.db'}") == []
+    controller = search.controller()
+    assert controller.space.groups == [(0, 2), (2, 3), (3, 4)] and controller.spec.search.seed == 7
+    assert controller.study.user_attrs.get("initialized") is None  # a new study: its initial design comes anew
+
+
+def test_inspection_creates_nothing_and_finds_an_operators_study(world, tmp_path):
+    manifest = write_manifest(tmp_path / "search.yaml", world, name="seen", max_trials=4)
+    work = tmp_path / "nowhere"
+    status = subprocess.run(
+        [*MERGESEARCH, "status", str(manifest), "--work-dir", str(work)], capture_output=True, text=True
+    )
+    assert status.returncode == 2 and "no search has run" in status.stderr
+    assert not work.exists()
+
+    from mergesearch_operator.local import LocalSearch
+    from mergesearch_operator.spec import load_manifest
+
+    database = f"sqlite:///{tmp_path / 'operator.db'}"
+    LocalSearch.for_manifest(load_manifest(manifest), storage_url=database, namespace="team-a").controller()
+    names = optuna.get_all_study_names(database)
+    for command in ("status", "best"):
+        missed = subprocess.run(
+            [*MERGESEARCH, command, str(manifest), "--storage", database], capture_output=True, text=True
+        )
+        assert missed.returncode == 2 and "give --namespace" in missed.stderr, missed.stderr
+    assert optuna.get_all_study_names(database) == names == ["team-a.seen"]  # nothing was created
+    found = subprocess.run(
+        [*MERGESEARCH, "status", str(manifest), "--storage", database, "--namespace", "team-a"],
+        capture_output=True,
+        text=True,
+    )
+    assert found.returncode == 0 and "Pending" in found.stdout, found.stdout + found.stderr
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ def test_a_finished_search_reports_its_incumbent_rungs_plan_and_held_out_table(s
     page = render(controller, "synthetic")
     titles = re.findall(r"<h2>([^<]+)</h2>", page)
     assert titles[:3] == ["Held-out test split: accuracy", "Incumbent", "Rungs"]
-    assert titles[3].startswith(f"Best plan (best, trial {status.best['trial']})")
+    assert titles[3].startswith(f"Best plan (best, trial {status.best.trial})")
     assert len(figures_of(page)) == 3 and all(f.shape[0] > 100 and f.shape[1] > 100 for f in figures_of(page))
     for label in status.final:  # every finalist has its row
         assert f"<td>{label}</td>" in page

@@ -7,14 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mergesearch_operator.spaces import DepthwiseIntegration, LayerwiseFusion, ModelFacts, Skip
+from mergesearch_operator.spaces import DepthwiseIntegration, LayerwiseFusion, ModelFacts, Skip, build_space
+from mergesearch_operator.spaces.base import SpaceError
 from mergesearch_operator.spaces.baselines import HAND_RECIPES, baselines
 from mergesearch_operator.spaces.lfs import layer_groups
-from mergesearch_operator.spec import LFSSpace
+from mergesearch_operator.spec import LFSSpace, parse_manifest
 from mergesearch_trial_runner.merge.engine import merge_to_directory
+from mergesearch_trial_runner.plan.methods import METHODS, MethodSpec, ParamScope, ParamSpec, Searched
 from mergesearch_trial_runner.testbed.models import random_llama
 
-from .conftest import FACTS
+from .conftest import FACTS, manifest
 
 
 def test_layer_groups_cover_every_layer_once():
@@ -41,6 +43,36 @@ def test_lfs_asks_only_for_the_chosen_methods_parameters():
     assert len(ties_params) in (0, 18, 36)
 
 
+def test_a_method_declared_in_one_place_is_searchable(monkeypatch):
+    """Declaring a method (its parameters and how they are searched) is all it takes for a manifest to
+    list it and for the LFS space to search it, with its own ranges."""
+    toy = MethodSpec(
+        name="toy_average",
+        needs_base=False,
+        params=(
+            ParamSpec(name="weight", scope=ParamScope.SOURCE, search=Searched(low=0.5, high=3.0, per_source=True)),
+        ),
+        searchable=True,
+    )
+    monkeypatch.setitem(METHODS, toy.name, toy)
+    document = manifest(searchSpace={"type": "LFS", "layerGroups": 2, "methods": ["toy_average", "ties"]})
+    spec = parse_manifest(document).spec
+    space = build_space(spec, FACTS)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        plan = space.suggest(trial)
+        study.tell(trial, 0.0)
+        for layer_slice in plan.slices:
+            seen.add(layer_slice.method)
+            if layer_slice.method == "toy_average":
+                assert layer_slice.base is None  # it needs none
+                weights = [c.value for source in layer_slice.sources for c in source.params["weight"]]
+                assert len(weights) == 3 * 3 and all(0.5 <= w <= 3.0 for w in weights)
+    assert seen == {"toy_average", "ties"}
+
+
 def test_plans_are_rebuilt_from_stored_parameters():
     space = LayerwiseFusion(
         FACTS, methods=["linear", "task_arithmetic", "ties", "dare_ties", "slerp"], tensor_groups=["mlp"], groups=2
@@ -65,6 +97,14 @@ def test_dis_stacks_picked_experts_in_order_and_falls_back_to_the_base():
     models = [(s.sources[0].model, s.sources[0].layers[0], s.output_scale) for s in plan.slices]
     assert models == [("base", 0, 1.0), ("sort", 1, 1.0), ("reverse", 1, 1.1), ("base", 2, 1.0), ("base", 3, 1.0)]
     assert isinstance(DepthwiseIntegration(FACTS, max_depth=4).plan_of(params), Skip)
+
+
+def test_dis_refuses_a_depth_cap_below_the_base_before_any_candidate():
+    """Every DIS stack is at least the base's depth, so a lower cap would skip every candidate."""
+    with pytest.raises(SpaceError, match="set maxDepth to at least 4") as info:
+        DepthwiseIntegration(FACTS, max_depth=3)
+    assert info.value.field == "maxDepth"
+    assert DepthwiseIntegration(FACTS, max_depth=4).max_depth == 4
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +144,21 @@ def test_lfs_initial_design_leaves_out_what_the_space_cannot_express():
     expressible = [r.label for r in HAND_RECIPES if space.recipe_params(r) is not None]
     assert expressible == ["linear", "ties", "ties_sum"]
     assert len(space.initial_params()) == len(FACTS.experts) + 3
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"])
+def test_every_lfs_space_starts_with_each_expert_alone(tiny, method):
+    """Without `linear` a space still expresses each expert alone (one-hot weights, neutral parameters; SLERP
+    at t = 1), and its initial design starts with them."""
+    facts, root = tiny
+    space = LayerwiseFusion(facts, methods=[method], tensor_groups=["mlp"], groups=2)
+    design = space.initial_params()
+    for index, expert in enumerate(facts.experts):
+        assert design[index] == space.expert_params(expert)
+        ours = merged(space.plan_of(design[index]), root / f"{method}-alone{index}")
+        theirs = load_file(root / expert / "model.safetensors")
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=1e-6, msg=f"{method} {expert}: {name}")
 
 
 def test_dis_initial_design_reproduces_each_expert(tiny):

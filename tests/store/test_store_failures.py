@@ -170,3 +170,16 @@ def test_store_errors_survive_pickling():
         True,
         "s3://b/m: network failure",
     )
+
+
+def test_a_cache_file_that_cannot_be_opened_is_a_store_error(tmp_path):
+    """Not a TypeError from building the error: the message names the file and the fix."""
+    from mergesearch_trial_runner.store import _writable
+
+    missing = tmp_path / "gone" / "model.safetensors.partial"
+    with (
+        pytest.raises(StoreError, match="free space or move the cache") as error,
+        _writable(missing, append=False, uri="s3://bucket/m/model.safetensors"),
+    ):
+        pass
+    assert not error.value.retryable and error.value.uri == "s3://bucket/m/model.safetensors"

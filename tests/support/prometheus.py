@@ -10,6 +10,9 @@ Usage::
         prometheus.wait_for_series('up{job="mergesearch"} == 1')
         prometheus.query("mergesearch_trials")      # the instant vector's samples
 
+With `rules` (a rules file's content: `{"groups": [...]}`) it also evaluates them every second;
+`alerts()` lists the alerts they raise.
+
 Install the binary with `apt-get install -y --no-install-recommends prometheus` (as root).
 """
 
@@ -129,6 +132,10 @@ class PrometheusServer:
             f"no {'finite ' if finite else ''}sample of {expr!r} after {timeout:.0f} s; targets: {health}"
         )
 
+    def alerts(self) -> list[dict[str, Any]]:
+        """The alerts of the loaded rules, pending or firing, each with `labels`, `state` and `annotations`."""
+        return list(self._get("/api/v1/alerts")["alerts"])
+
     def targets(self) -> list[dict[str, Any]]:
         """The active scrape targets with their health and last error (for diagnosing an empty query)."""
         return list(self._get("/api/v1/targets")["activeTargets"])
@@ -148,10 +155,12 @@ class PrometheusServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def scrape_config(targets: Sequence[str], *, job: str) -> dict[str, Any]:
-    """The prometheus.yml for scraping `targets` (`host:port`, path /metrics) every second as job `job`."""
+def scrape_config(targets: Sequence[str], *, job: str, rule_files: Sequence[str] = ()) -> dict[str, Any]:
+    """The prometheus.yml for scraping `targets` (`host:port`, path /metrics) every second as job `job`, and
+    evaluating the rules in `rule_files` every second."""
     return {
         "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": list(rule_files),
         "scrape_configs": [
             {
                 "job_name": job,
@@ -180,14 +189,21 @@ def _wait_ready(server: PrometheusServer, deadline: float) -> None:
     raise RuntimeError(f"prometheus not ready after {_STARTUP_SECONDS:.0f} s ({last}):\n{server.log()[-3000:]}")
 
 
-def start_prometheus(targets: Sequence[str], *, job: str = "mergesearch", attempts: int = 3) -> PrometheusServer:
-    """Start Prometheus scraping `targets`; returns once its API answers (the first scrape follows within 1 s)."""
+def start_prometheus(
+    targets: Sequence[str], *, job: str = "mergesearch", rules: dict[str, Any] | None = None, attempts: int = 3
+) -> PrometheusServer:
+    """Start Prometheus scraping `targets` (and evaluating `rules`); returns once its API answers (the first
+    scrape follows within 1 s)."""
     binary = prometheus_binary()
     last_error: Exception | None = None
     for _ in range(attempts):
         root = Path(tempfile.mkdtemp(prefix="mergesearch-prometheus-"))
         config = root / "prometheus.yml"
-        config.write_text(yaml.safe_dump(scrape_config(targets, job=job), sort_keys=False))
+        rule_files = []
+        if rules is not None:
+            (root / "rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
+            rule_files.append(str(root / "rules.yml"))
+        config.write_text(yaml.safe_dump(scrape_config(targets, job=job, rule_files=rule_files), sort_keys=False))
         port = _free_port()
         log_path = root / "prometheus.log"
         args = [
@@ -213,9 +229,12 @@ def start_prometheus(targets: Sequence[str], *, job: str = "mergesearch", attemp
 
 
 @contextlib.contextmanager
-def prometheus_server(targets: Sequence[str], *, job: str = "mergesearch") -> Iterator[PrometheusServer]:
-    """A Prometheus scraping `targets` for the duration of the block; stopped by PID afterwards."""
-    server = start_prometheus(targets, job=job)
+def prometheus_server(
+    targets: Sequence[str], *, job: str = "mergesearch", rules: dict[str, Any] | None = None
+) -> Iterator[PrometheusServer]:
+    """A Prometheus scraping `targets` (and evaluating `rules`) for the duration of the block; stopped by PID
+    afterwards."""
+    server = start_prometheus(targets, job=job, rules=rules)
     try:
         yield server
     finally:

@@ -34,6 +34,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from ..errors import classify
 from .base import Evaluator, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
 from .settings import VLLMSettings
@@ -108,9 +109,7 @@ class EngineHost:
             try:
                 reply = {"ok": True, **self._handle(request)}
             except Exception as error:  # reported to the trial, which classifies and reports it
-                # A user error as `cli.classify` judges the errors a host can raise (bad settings, bad
-                # engine arguments), so a hosted trial fails as one with its own engine would.
-                user_error = isinstance(error, ValueError)
+                user_error = classify(error)[0] == "user"  # as a trial with its own engine would fail
                 reply = {"ok": False, "error": f"{type(error).__name__}: {error}", "user_error": user_error}
                 print(f"engine host: {request.get('op')} failed: {reply['error']}", flush=True)
                 if not user_error:  # the engine may be broken: the next trial starts a new one

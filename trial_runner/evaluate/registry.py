@@ -61,9 +61,10 @@ def open_evaluator(
 ) -> Evaluator:
     """Load `model` (a directory, or an `InMemoryModel` for hf) into a new evaluator of `backend`.
 
-    Raises `ValueError` for an unknown backend or bad settings (the field named), `FileNotFoundError`
-    for a directory without config.json, `TypeError` for a model the backend cannot load (vllm and an
-    in-memory model): user errors. Failures while loading the model or starting the engine propagate.
+    Raises `ValueError` for an unknown backend or bad settings (the field named): a user error under
+    `errors.classify`. Everything else - a directory without config.json (the runner writes the merged
+    model itself), a model the backend cannot load, a failure while starting the engine - propagates and
+    counts as infrastructure there.
     """
     validated = validate_settings(backend, settings)
     return get_backend(backend).load()(model=model, settings=validated)

@@ -153,6 +153,11 @@ class VLLMSettings(BaseModel):
             raise ValueError(f"engine_args repeats {clash}; set them as settings of their own")
         if "model" in self.engine_args:
             raise ValueError("engine_args must not name the model; the trial gives it")
+        if "trust_remote_code" in self.engine_args:  # the one way through to vllm.LLM: HFSettings has none
+            raise ValueError(
+                "engine_args must not set trust_remote_code: trials run only model code that ships with vLLM and "
+                "transformers, never Python code from a checkpoint"
+            )
         return self
 
     def resolve(self, device: Device, model_config: Mapping[str, Any]) -> EngineLaunch:

@@ -74,7 +74,7 @@ def merge_task_vectors(
         # Arithmetic masks: every mask in this function is built from copysign, threshold and sign,
         # never from a comparison. On CPU a comparison, or a multiply by the boolean tensor it makes,
         # costs 10-30x a float op. The results are the same bit for bit (tests/merge/test_methods.py);
-        # what it saved is in the README (Merging).
+        # what it saved is in docs/merging.md.
         elected = torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), deltas.sum(dim=0))
         agreeing = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
