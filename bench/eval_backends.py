@@ -11,7 +11,7 @@ disturbed). Engine start (load) is reported apart. Throughput = generated tokens
 ratios are against `hf bf16, batch 64`, the hf backend's default. Medians over the rounds; the load
 average around each configuration is recorded to judge interference.
 
-    python bench/eval_backends.py [--rounds 1] [--repeats 3] [--only NAME-SUBSTRING ...]
+    python -m bench.eval_backends [--rounds 1] [--repeats 3] [--only NAME-SUBSTRING ...]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from the device's generator, so there the check is that CUDA is deterministic), 
 a ~350M-parameter model on both, and evaluates the tiny-model world with the hf backend on CUDA against
 the CPU's answers.
 
-    python bench/gpu_check.py --world DIR --out report.json
+    python -m bench.gpu_check --world DIR --out report.json
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Both tools merge the one recipe (TIES of the three experts onto the base, densit
 fresh process, alternating, several rounds. Wall time and peak RSS (from wait4's rusage of that child)
 are reported as medians and ratios; the outputs are compared as a sanity check.
 
-    make bench-merge        # or: python bench/merge_vs_mergekit.py --mergekit-python .venv-mergekit/bin/python
+    make bench-merge        # or: python -m bench.merge_vs_mergekit --mergekit-python .venv-mergekit/bin/python
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from mergesearch_trial_runner.testbed.smollm2 import export_smollm2
+from bench.experts import make_experts
 
 RECIPE = """\
 models:
@@ -40,27 +40,6 @@ merge_method: ties
 base_model: {root}/base
 dtype: bfloat16
 """
-
-
-def make_experts(root: Path, count: int = 3, relative_noise: float = 0.02) -> None:
-    base = root / "base"
-    export_smollm2(base)
-    state = load_file(base / "model.safetensors")
-    for index in range(1, count + 1):
-        out = root / f"expert{index}"
-        if (out / "model.safetensors").exists():
-            continue
-        out.mkdir(parents=True, exist_ok=True)
-        generator = torch.Generator().manual_seed(index)
-        expert = {}
-        for name, tensor in state.items():
-            scale = relative_noise * float(tensor.float().std()) if tensor.numel() > 1 else 0.0
-            noise = torch.randn(tensor.shape, generator=generator) * scale
-            expert[name] = (tensor.float() + noise).to(tensor.dtype)
-        save_file(expert, out / "model.safetensors", metadata={"format": "pt"})
-        for file in base.iterdir():
-            if file.name != "model.safetensors":
-                shutil.copy(file, out / file.name)
 
 
 def timed(command: list[str]) -> tuple[float, int]:

@@ -6,7 +6,7 @@ CPU seconds (from /proc, for the whole run), and the size of the MergeSearch sta
 study lives in a real PostgreSQL. The "kubelet" here runs nothing: it marks each new pod Succeeded
 with a synthetic result in its termination message (a formula of the plan, as in tests/search).
 
-    python bench/operator_scale.py [--trials 1000] [--parallel 64] [--sampler tpe|random]
+    python -m bench.operator_scale [--trials 1000] [--parallel 64] [--sampler tpe|random]
 """
 
 from __future__ import annotations
@@ -25,15 +25,11 @@ from typing import Any
 import kubernetes
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from search.synthetic import SyntheticExecutor  # noqa: E402
-from support.kube import MERGESEARCH, KubeServer  # noqa: E402
-from support.postgres import PostgresServer  # noqa: E402
-
-from mergesearch_operator.k8s.pods import spec_of  # noqa: E402
-from mergesearch_trial_runner.testbed.models import TinyLlama, random_llama  # noqa: E402
+from mergesearch_operator.k8s.pods import spec_of
+from mergesearch_trial_runner.testbed.models import TinyLlama, random_llama
+from tests.search.synthetic import SyntheticExecutor
+from tests.support.kube import MERGESEARCH, KubeServer
+from tests.support.postgres import PostgresServer
 
 NAMESPACE = "scale"
 KUBELET_AGENT = "bench-kubelet"

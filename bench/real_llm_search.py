@@ -8,7 +8,7 @@ the best merge, each expert alone and every hand recipe on the held-out split (3
 the base is scored once beside them. Each finished search is saved at once and skipped when the
 benchmark runs again, so seeds and spaces can be added one at a time.
 
-    python bench/real_llm_search.py [--space LFS|DIS] [--seeds 0 1 2] [--trials 60]
+    python -m bench.real_llm_search [--space LFS|DIS] [--seeds 0 1 2] [--trials 60]
 """
 
 from __future__ import annotations

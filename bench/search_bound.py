@@ -17,7 +17,7 @@ searches run 2 in parallel), and it draws at random (the real searches use TPE a
 Also reported: the spread of the pool's scores, and how often the lowest rung's top 1/eta keeps the best
 plan of a rung's worth of plans.
 
-    python bench/search_bound.py [--candidates 300] [--full-trials 24 48 96] [--replays 300]
+    python -m bench.search_bound [--candidates 300] [--full-trials 24 48 96] [--replays 300]
 
 The pool is kept in the work directory and extended, not redrawn, when --candidates grows.
 """
@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import optuna
-from search_efficiency import (
+
+from bench.search_world import (
     ETA,
     MAX_SAMPLES,
     MIN_SAMPLES,
@@ -44,7 +45,6 @@ from search_efficiency import (
     manifest,
     standard_error,
 )
-
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.hyperband import Schedule, promotable
 from mergesearch_operator.spec import parse_manifest

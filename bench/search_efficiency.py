@@ -1,6 +1,6 @@
 """How many evaluated samples a search needs: multi-fidelity against full fidelity and random search.
 
-On a tiny-model world (base, three experts, three tasks; see WORLD below), for several seeds, four
+On a tiny-model world (base, three experts, three tasks; see WORLD in search_world.py), for several seeds, four
 searches run with the same budget of evaluated samples (budget.maxSamples): the LFS search with
 Hyperband (min -> max samples, eta 3), the same with Hyperband's most aggressive bracket only (ASHA),
 the same search with every trial at max samples, and random search at max samples.
@@ -12,7 +12,7 @@ at full fidelity (what the searches optimise; every incumbent's score is on all 
 Also reported: the final best of each search against each expert alone, uniform task arithmetic and
 TIES on the held-out split.
 
-    python bench/search_efficiency.py [--seeds 0 1 ... 9] [--full-trials 24] [--summarize-only]
+    python -m bench.search_efficiency [--seeds 0 1 ... 9] [--full-trials 24] [--summarize-only]
 
 Finished searches are kept in the results file and not run again (delete it to start over).
 """
@@ -30,71 +30,23 @@ from typing import Any
 
 import optuna
 
+from bench.search_world import (
+    MAX_SAMPLES,
+    STRATEGIES,
+    TASKS,
+    WORLD,
+    first_reaching,
+    manifest,
+    standard_error,
+)
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.controller import result_key
 from mergesearch_operator.spec import parse_manifest
 from mergesearch_trial_runner.cli import run_trial
 from mergesearch_trial_runner.spec import TrialSpec
-from mergesearch_trial_runner.testbed.models import WorldSettings, build_world
+from mergesearch_trial_runner.testbed.models import build_world
 
-TASKS = ("reverse", "sort", "shift")
-# Not the tests' world. There every task uses the same letters, the experts forget the other tasks, and
-# the mean score over tasks is flat along the merges that trade one task for another: uniform task
-# arithmetic, in the initial design, is already as good as any merge out of sample, and no search
-# strategy can be faster than another at finding it. Here each task has its own letters and each expert
-# keeps seeing a fifth of the other tasks, so task vectors add up better and a searched merge can beat
-# every merge of the initial design. The test split is larger, so that held-out scores are worth comparing.
-WORLD = WorldSettings(task_letters=("abcdefgh", "ijklmnop", "qrstuvwx"), expert_replay=0.2, test_samples=500)
-# A 27x range: four rungs (20, 60, 180, 540 samples per task). At 20 -> 180 (three rungs) multi-fidelity
-# screened 1.8x as many candidates as full fidelity at the same budget, here 2.1x; the top rung's score
-# has 0.58x the standard error (1/sqrt 3).
-MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 BASELINE_LABELS = [f"expert:{t}" for t in TASKS] + ["task_arithmetic", "ties"]
-FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
-# Spec sections per strategy, over the shared manifest below.
-STRATEGIES = {
-    "multi-fidelity": {"search": {"sampler": "tpe", "multiFidelity": True}},
-    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {**FIDELITY, "brackets": 1}},
-    "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
-    "random": {"search": {"sampler": "random", "multiFidelity": False}},
-}
-
-
-def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budget: int) -> dict[str, Any]:
-    return {
-        "apiVersion": "mergesearch.io/v1alpha1",
-        "kind": "MergeSearch",
-        "metadata": {"name": name},
-        "spec": {
-            "models": {
-                "base": str(world.model("base")),
-                "experts": [{"name": e, "uri": str(world.model(e))} for e in TASKS],
-            },
-            "searchSpace": {
-                "type": "LFS",
-                "layerGroups": 2,
-                # Weighted merges per layer group, one set of parameters for all of a group's tensors: in
-                # this world good merges give every expert a weight near 0.6, which a space of five
-                # methods with three tensor groups each (up to 30 parameters) hides from a 24-trial search.
-                "methods": ["task_arithmetic", "ties"],
-                "tensorGroups": [],
-            },
-            "objectives": [
-                {
-                    "name": t,
-                    "data": str(world.split(t, "search")),
-                    "testData": str(world.split(t, "test")),
-                    "maxNewTokens": 8,
-                }
-                for t in TASKS
-            ],
-            "fidelity": FIDELITY,
-            "budget": {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget},
-            "search": {"seed": seed},
-            "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 900},
-        }
-        | {section: value | ({"seed": seed} if section == "search" else {}) for section, value in strategy.items()},
-    }
 
 
 def incumbents(study: optuna.Study, top_rung: int) -> list[tuple[int, int, float]]:
@@ -210,16 +162,6 @@ def run_searches(runs: dict[str, dict[int, Any]], seeds: list[int], budget: int,
             }
             save(results, runs, budget)
             print(name, runs[strategy][seed]["seconds"], "s", history[-1] if history else None, flush=True)
-
-
-def first_reaching(history, target: float, index: int) -> int | None:
-    """Samples used when an incumbent first scored at least `target` (index 2: search score, 3: held-out)."""
-    return next((entry[0] for entry in history if entry[index] >= target - 1e-9), None)
-
-
-def standard_error(score: float, samples: int) -> float:
-    """The binomial standard error of a mean accuracy `score` measured on `samples` samples."""
-    return math.sqrt(score * (1 - score) / samples)
 
 
 # What each score is measured on: all tasks' test splits, or every task's first maxSamples search samples.

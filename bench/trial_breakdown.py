@@ -22,7 +22,7 @@ local disk and evaluates it with an engine. Weights come from the node cache (al
 cache's job is that a node downloads once). Reported: each phase's seconds and the fixed share of the
 trial, medians over rounds in which the backends alternate and the modes take turns at going first.
 
-    python bench/trial_breakdown.py [--samples 100] [--rounds 4]
+    python -m bench.trial_breakdown [--samples 100] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -41,14 +41,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.experts import make_experts
 from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
 from mergesearch_operator.executors.worker import TOKEN_ENV, WorkerClient
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import TrialResult, TrialSpec
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from merge_vs_mergekit import make_experts
 
 ENGINE = {"hf": {"device": "cpu", "batch_size": 64}, "vllm": {}}
 

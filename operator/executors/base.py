@@ -8,12 +8,15 @@ Contract for every executor:
 - `poll(name)` never blocks for long and never raises for a missing run (it answers MISSING).
 - `cancel(name)` and `release(name)` are idempotent; `release` tells the executor the controller has
   recorded a finished run (it may delete it, keeping the most recent failures for debugging).
+- `held()` names every run the executor holds (running, or finished and not yet released), so that
+  `sweep(live)` can let go of those the controller no longer wants, whatever was lost on the way.
 - None of them is thread-safe; one controller drives one executor.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -78,6 +81,18 @@ class Executor(ABC):
 
     @abstractmethod
     def release(self, name: str) -> None: ...
+
+    @abstractmethod
+    def held(self) -> Collection[str]:
+        """Every run this executor holds: running, or finished and not yet released."""
+
+    def sweep(self, live: Collection[str]) -> None:
+        """Cancel or release every held run not in `live` (the runs the controller's study says are live)."""
+        for name in [n for n in self.held() if n not in live]:
+            if self.poll(name).phase is RunPhase.RUNNING:
+                self.cancel(name)
+            else:
+                self.release(name)
 
     def close(self) -> None:  # noqa: B027 - an optional hook: pod executors keep nothing to let go
         """Let go of what the executor keeps between runs (a local fork server); started runs go on."""

@@ -29,6 +29,7 @@ from mergesearch_trial_runner.spec import EXIT_USER_ERROR, TrialResult, TrialSpe
 from .base import Executor, RunPhase, RunStatus
 
 KEEP_FAILED_RUNS = 5
+RELEASED = "released"  # marks a failed run kept for debugging after the controller let it go
 
 
 def _read(path: Path) -> dict | None:
@@ -101,9 +102,12 @@ class LocalExecutor(Executor):
         """Start the fork server now (it imports the backend), instead of at the first run."""
         self._fork_server()
 
-    def names(self) -> list[str]:
-        """Every run this executor holds: running, or finished and not yet released."""
-        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir()) if self.runs_dir.exists() else []
+    def held(self) -> list[str]:
+        """Every run this executor holds: running, or finished and not yet released (a failed run kept for
+        debugging after its release is not held)."""
+        if not self.runs_dir.exists():
+            return []
+        return sorted(d.name for d in self.runs_dir.iterdir() if d.is_dir() and not (d / RELEASED).exists())
 
     def start(self, spec: TrialSpec) -> None:
         run_dir = self._dir(spec.name)
@@ -139,10 +143,12 @@ class LocalExecutor(Executor):
             seconds = parsed.timings.get("total", seconds)
             if parsed.ok:
                 return RunStatus(RunPhase.SUCCEEDED, result=parsed, seconds=seconds)
+            kind = parsed.error_kind or "infrastructure"
             return RunStatus(
                 RunPhase.FAILED,
                 result=parsed,
-                failure=parsed.error_kind or "infrastructure",
+                failure=kind,
+                cause="UserError" if kind == "user" else "Error",
                 reason=parsed.message,
                 seconds=seconds,
             )
@@ -196,6 +202,7 @@ class LocalExecutor(Executor):
         if not _failed(run_dir):
             shutil.rmtree(run_dir, ignore_errors=True)
             return
+        (run_dir / RELEASED).touch()
         failed = sorted((d for d in self.runs_dir.iterdir() if _failed(d)), key=lambda d: d.stat().st_mtime)
         for old in failed[:-KEEP_FAILED_RUNS]:
             shutil.rmtree(old, ignore_errors=True)

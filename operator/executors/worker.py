@@ -90,7 +90,7 @@ def _handler(executor: LocalExecutor, token: str) -> type[BaseHTTPRequestHandler
             if release:
                 self._reply(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "release is a POST"})
             elif name is None:
-                self._reply(HTTPStatus.OK, {"runs": executor.names()})
+                self._reply(HTTPStatus.OK, {"runs": executor.held()})
             else:
                 self._reply(HTTPStatus.OK, executor.poll(name).to_json())
 

@@ -197,6 +197,21 @@ class PodExecutor(Executor):
 class KubernetesExecutor(PodExecutor):
     pods_show_progress = True  # a run's pod changes when the run does: no pod changed, nothing to poll
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._deleted: set[str] = set()  # deletes sent, until the watch shows the pod going or gone
+        self._kept: set[str] = set()  # failed pods released but kept for debugging: no longer held
+
+    def observe(self, pods: Mapping[str, PodView]) -> None:
+        super().observe(pods)
+        self._deleted = {name for name in self._deleted if name in self.pods and not self.pods[name].deleting}
+        self._kept &= set(self.pods)
+
+    def _delete(self, name: str) -> None:
+        self.api.delete_pod(self.namespace, name)
+        self._deleted.add(name)
+        self._created.pop(name, None)  # deleted before the watch showed it: not held, not "lost" later
+
     def start(self, spec: TrialSpec) -> None:
         if spec.name in self.pods or spec.name in self._created:
             return
@@ -227,17 +242,27 @@ class KubernetesExecutor(PodExecutor):
         trouble = pod_trouble(pod, trial=self.trial, settings=self.settings, now=self.clock())
         return trouble or RunStatus(RunPhase.RUNNING, seconds=pod.seconds)
 
+    def held(self) -> list[str]:
+        """The search's run pods the watch shows (but those being deleted), and those just created."""
+        seen = [
+            name
+            for name, pod in self.pods.items()
+            if not pod.deleting and name not in self._deleted and name not in self._kept
+        ]
+        return seen + [name for name in self._created if name not in self.pods]
+
     def cancel(self, name: str) -> None:
-        self.api.delete_pod(self.namespace, name)
+        self._delete(name)
 
     def release(self, name: str) -> None:
         """Delete a finished run's pod; failed pods stay, the newest `keep_failed_pods` of them."""
         pod = self.pods.get(name)
         if pod is None or pod.phase != "Failed":
-            self.api.delete_pod(self.namespace, name)
+            self._delete(name)
             return
+        self._kept.add(name)
         failed = sorted((p for p in self.pods.values() if p.phase == "Failed"), key=lambda p: p.created or 0.0)
         keep = self.settings.keep_failed_pods
         for old in failed[: max(0, len(failed) - keep)]:
-            self.api.delete_pod(self.namespace, old.name)
+            self._delete(old.name)
             self.pods.pop(old.name, None)

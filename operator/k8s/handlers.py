@@ -37,7 +37,7 @@ from .settings import OperatorSettings
 
 RESOURCE = (API_GROUP, API_VERSION, PLURAL)
 DELETE_STUDY_ANNOTATION = f"{API_GROUP}/delete-study"
-RETRY_SECONDS = 60.0  # after a failed set-up (a Secret or model not there yet), before trying again
+TICK_SECONDS = 1.0  # how often the timer looks at a search; what it then does is gated below
 FULL_RECONCILE_SECONDS = 30.0  # a search whose pods have not changed is still reconciled this often
 SETTINGS = OperatorSettings()
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ async def trial_pods(
     return {(namespace, labels[LABEL_SEARCH]): PodView.from_body(body)}
 
 
+def retry_delay(failures: int) -> float:
+    """Seconds before trying again after `failures` failures in a row (a database or a Secret that is not
+    there): 0.5 s, doubling, at most one reconcile interval. A database that comes back is used again
+    within seconds, and one that stays down sees one attempt per interval from each search, not a storm."""
+    return min(SETTINGS.reconcile_seconds, 0.5 * 2 ** max(0, failures - 1))
+
+
 def _fail(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, field_message: str) -> None:
     """Record a problem as a condition, and as a Warning Event when the message is new."""
     key = (body.metadata.namespace, body.metadata.name)
@@ -75,9 +82,11 @@ def _fail(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, reason: str, fiel
     patch.status["conditions"] = st.with_condition(conditions, new)
     patch.status["phase"] = Phase.INVALID if reason == st.REASON_INVALID else Phase.PENDING
     patch.status["message"] = field_message
-    if memo.failures.get(key, ("", 0.0))[0] != field_message:
+    last_message, _, failures = memo.failures.get(key, ("", 0.0, 0))
+    if last_message != field_message:
         kopf.warn(body, reason=reason, message=field_message)
-    memo.failures[key] = (field_message, time.monotonic())
+    failures = failures + 1 if last_message == field_message else 1
+    memo.failures[key] = (field_message, time.monotonic() + retry_delay(failures), failures)
     SearchMetrics(*key).phase(patch.status["phase"])
 
 
@@ -86,8 +95,8 @@ def _runtime(body: kopf.Body, spec: dict[str, Any], patch: kopf.Patch, memo: kop
     runtime = memo.runtimes.get(key)
     if runtime is not None:
         return runtime
-    message, when = memo.failures.get(key, ("", 0.0))
-    if message and time.monotonic() - when < RETRY_SECONDS:
+    message, retry_at, _ = memo.failures.get(key, ("", 0.0, 0))
+    if message and time.monotonic() < retry_at:
         return None
     try:
         parsed = parse_spec(key[1], key[0], dict(spec))
@@ -97,16 +106,18 @@ def _runtime(body: kopf.Body, spec: dict[str, Any], patch: kopf.Patch, memo: kop
     except ManifestError as exc:
         _fail(body, patch, memo, st.REASON_INVALID, str(exc))
         return None
-    except Exception as exc:  # a Secret, database or bucket not there (yet): say so, try again later
-        log.exception("setting up %s/%s failed", *key)
-        _fail(body, patch, memo, st.REASON_UNAVAILABLE, f"{type(exc).__name__}: {exc}")
+    except Exception as exc:  # a Secret, database or bucket not there (yet): say so, try again soon
+        message = f"{type(exc).__name__}: {exc}"
+        if memo.failures.get(key, ("",))[0] != message:
+            log.exception("setting up %s/%s failed", *key)
+        _fail(body, patch, memo, st.REASON_UNAVAILABLE, message)
         return None
     memo.failures.pop(key, None)
     memo.runtimes[key] = runtime
     return runtime
 
 
-@kopf.timer(*RESOURCE, interval=SETTINGS.reconcile_seconds, initial_delay=0.5)
+@kopf.timer(*RESOURCE, interval=TICK_SECONDS, backoff=TICK_SECONDS, initial_delay=0.5)
 def reconcile(
     body: kopf.Body,
     spec: kopf.Spec,
@@ -120,23 +131,39 @@ def reconcile(
     runtime = _runtime(body, spec, patch, memo)
     if runtime is None:
         return
-    started = time.perf_counter()
+    started, now = time.perf_counter(), time.monotonic()
     pods = {pod.name: pod for pod in trial_pods.get((runtime.namespace, runtime.name), [])}
-    # Nothing a reconcile acts on has changed (no pod moved, no spec edit): skip the study's reads, but
-    # not for long, since some rules are about time (unschedulable pods, deadlines). Runs in worker pods
-    # finish without any pod moving, so their searches are always reconciled.
     fingerprint = (meta.get("generation"), frozenset(pods.values()))
-    unchanged = fingerprint == runtime.fingerprint and runtime.executor.pods_show_progress
-    if unchanged and time.monotonic() - runtime.reconciled_at < FULL_RECONCILE_SECONDS:
-        return
+    if runtime.failures:  # the last reconcile failed (the database is away, say): try again on its back-off
+        if now < runtime.retry_at:
+            return
+    else:
+        # A reconcile every interval, but nothing a reconcile acts on has changed (no pod moved, no spec
+        # edit): skip the study's reads, though not for long, since some rules are about time
+        # (unschedulable pods, deadlines). Runs in worker pods finish without any pod moving, so their
+        # searches are reconciled every interval.
+        since = now - runtime.reconciled_at
+        unchanged = fingerprint == runtime.fingerprint and runtime.executor.pods_show_progress
+        if since < SETTINGS.reconcile_seconds or (unchanged and since < FULL_RECONCILE_SECONDS):
+            return
     runtime.executor.observe(pods)
     try:
         current = runtime.controller.reconcile()
-    except Exception as exc:
+    except Exception as exc:  # kept from kopf, whose timers would wait a minute before the next try
         runtime.metrics.reconciled(time.perf_counter() - started, error=True)
         if isinstance(exc, StorageDiverged):  # the next reconcile builds a new runtime from the database
             memo.runtimes.pop((runtime.namespace, runtime.name), None)
-        raise  # kopf logs it and the timer tries again at the next interval
+        runtime.failures += 1
+        runtime.retry_at = time.monotonic() + retry_delay(runtime.failures)
+        where = f"{runtime.namespace}/{runtime.name}"
+        if runtime.failures == 1:
+            log.exception("reconciling %s failed; trying again", where)
+        else:
+            log.warning("reconciling %s failed again (%d in a row): %r", where, runtime.failures, exc)
+        return
+    if runtime.failures:
+        log.info("reconciling %s/%s works again after %d failures", runtime.namespace, runtime.name, runtime.failures)
+    runtime.failures = 0
     runtime.metrics.reconciled(time.perf_counter() - started, error=False)
     runtime.fingerprint, runtime.reconciled_at = fingerprint, time.monotonic()
     runtime.metrics.update(current)

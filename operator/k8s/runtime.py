@@ -79,6 +79,8 @@ class SearchRuntime:
     refused: list[str] = field(default_factory=list)  # defining fields whose edit was refused
     fingerprint: object = None  # what the last reconcile saw (handlers skip a reconcile that would see the same)
     reconciled_at: float = 0.0
+    failures: int = 0  # reconciles failed in a row (the database away, say)
+    retry_at: float = 0.0  # when to try again after a failure
 
     @classmethod
     def build(

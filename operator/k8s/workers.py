@@ -211,6 +211,10 @@ class WorkerPodExecutor(PodExecutor):
         if worker in self._known:  # not deleted: it waits for the next run
             self._idle_since[worker] = self.clock()
 
+    def held(self) -> list[str]:
+        """The runs the workers hold (as they said when first asked) or are about to be handed."""
+        return list(self.runs)
+
     def release(self, name: str) -> None:
         """Free the run's worker for the next run; a worker in trouble (or that lost the run) is deleted."""
         worker = self.runs.get(name)

@@ -303,6 +303,28 @@ class SearchController:
     def reconcile(self) -> SearchStatus:
         self._initialize()
         views = [_TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
+        self._final_runs_pending: set[str] = set()
+        status = self._step(views)
+        self._sweep(views)
+        return status
+
+    def _sweep(self, views: list[_TrialView]) -> None:
+        """Level-triggered cleanup: let go of every run the executor holds that the study does not say is
+        live (finished, superseded by a retry, or unknown). Releases right after a decision can be lost
+        with the process that made it (a crash between the commit and the delete); this finds them at the
+        next reconcile, after a restart too. A failure here is logged and tried again at the next one."""
+        live = set(self._final_runs_pending)
+        for view in views:
+            if view.state == TrialState.RUNNING and view.attrs.get(READY):
+                rung = view.rung
+                live.add(self.run_name(view.number, rung, len(view.failures(rung))))
+        try:
+            self.executor.sweep(live)
+        except Exception as error:  # the next reconcile sweeps again
+            log.warning("sweeping runs that are no longer live failed: %r", error)
+
+    def _step(self, views: list[_TrialView]) -> SearchStatus:
+        """Store what the runs report, decide, act and launch; the status after that."""
         usage = self._usage(views)
         failed = sum(1 for v in views if v.state == TrialState.FAIL)
         if failed >= self.spec.budget.max_failed_trials:
@@ -625,8 +647,10 @@ class SearchController:
             if status.phase is RunPhase.MISSING:
                 if launching and pending < self.spec.budget.parallel_trials:
                     self.executor.start(self._trial_spec(name, plan, rung=None, output_uri=self._output_uri(label)))
+                    self._final_runs_pending.add(name)
                 pending += 1
             elif status.phase is RunPhase.RUNNING:
+                self._final_runs_pending.add(name)
                 pending += 1
             elif status.phase is RunPhase.SUCCEEDED:
                 assert status.result is not None

@@ -12,11 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -80,9 +82,9 @@ class Cluster:
     """The emulator, the secrets, the kubelet and an operator process, wired together."""
 
     def __init__(self, tmp: Path, kube, s3, postgres_url: str):
-        from support.kubelet import FakeKubelet
+        from tests.support.kubelet import FakeKubelet
 
-        self.tmp, self.kube, self.s3 = tmp, kube, s3
+        self.tmp, self.kube, self.s3, self.database = tmp, kube, s3, postgres_url
         self.kubeconfig = kube.kubeconfig(tmp / "kubeconfig", NAMESPACE)
         self.env = {**os.environ, "KUBECONFIG": str(self.kubeconfig)}
         client = kubernetes.config.new_client_from_config(str(self.kubeconfig))
@@ -203,7 +205,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, world, s3_server, postgres):
-    from support.kube import KubeServer
+    from tests.support.kube import KubeServer
 
     if os.geteuid() != 0:  # said once, as a skip, rather than as every test's RuntimeError
         pytest.skip("needs root: the test kubelet runs each trial pod in its own mount namespace (unshare -m)")
@@ -228,7 +230,7 @@ def cluster(tmp_path_factory, world, s3_server, postgres):
 
 @pytest.fixture(scope="module")
 def prometheus(cluster):
-    from support.prometheus import start_prometheus
+    from tests.support.prometheus import start_prometheus
 
     server = start_prometheus([f"127.0.0.1:{cluster.metrics_port}"])
     yield server
@@ -269,26 +271,91 @@ def fault_of(name: str) -> str | None:
     return "hang" if draw < 25 else None
 
 
-def test_faults_and_an_operator_restart_lose_nothing(cluster, prometheus):
-    name = "faulty"
+def reconciles(cluster: Cluster, search: str) -> tuple[float, float]:
+    """(reconciles, of which failed) of one search so far, from the operator's metrics endpoint."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=5).read().decode()
+    found = {"mergesearch_reconcile_duration_seconds_count": 0.0, "mergesearch_reconcile_errors_total": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in found and sample.labels.get("search") == search:
+                found[sample.name] = sample.value
+    return found["mergesearch_reconcile_duration_seconds_count"], found["mergesearch_reconcile_errors_total"]
+
+
+def stall_after_outage(cluster: Cluster, search: str, back: float, timeout: float = 120) -> float:
+    """Seconds from the database's return to the search's first reconcile that does not fail."""
+    count, errors = reconciles(cluster, search)
+    while time.monotonic() - back < timeout:
+        now_count, now_errors = reconciles(cluster, search)
+        if now_count - count > now_errors - errors:
+            return time.monotonic() - back
+        time.sleep(0.25)
+    raise AssertionError(f"{search} did not reconcile within {timeout}s of the database's return")
+
+
+def test_chaos_kills_and_a_database_outage_lose_nothing_and_leave_nothing(cluster, prometheus, postgres):
+    """SIGKILLs of the operator at seeded points (one right as a promotion's pod is created, one in the
+    final stage), a PostgreSQL outage mid-search, failing and hanging pods; then every invariant."""
+    import optuna
+
+    from mergesearch_operator.k8s.pods import LABEL_SEARCH
+
+    name, rng = "chaos", random.Random(23)
     cluster.fault = fault_of
     cluster.apply(manifest(name, max_trials=8, timeout=60, mode="pareto"))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and len([p for p in cluster.kubelet.started if p.startswith(name)]) < 4:
-        time.sleep(1)
-    cluster.kill_operator()  # mid-search, with pods running
-    time.sleep(3)
-    cluster.start_operator()
+    runs = lambda: [p for p in cluster.pod_creations() if p.startswith(f"{name}-t")]  # noqa: E731
+    kills = sorted(rng.sample(range(2, 10), 2))
+    outage = rng.choice([k for k in range(3, 10) if k not in kills])
+    events = sorted([(k, "kill") for k in kills] + [(outage, "outage"), (0, "promotion")])
+    deadline, stall = time.monotonic() + 600, None
+    for at, what in events:
+        while time.monotonic() < deadline and not (
+            any("-r1" in p for p in runs()) if what == "promotion" else len(runs()) >= at
+        ):
+            time.sleep(0.2)
+        if what == "outage":
+            postgres.restart(down_seconds=5)
+            stall = stall_after_outage(cluster, name, back=time.monotonic())
+        else:
+            cluster.kill_operator()
+            time.sleep(rng.uniform(0.5, 2.0))
+            cluster.start_operator()
+    if cluster.wait_for(name, ("Finalizing", "Succeeded", "Failed"), timeout=900)["phase"] == "Finalizing":
+        cluster.kill_operator()  # during the final stage
+        cluster.start_operator()
     status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=900)
+    print(f"chaos: kills after runs {kills}, at the first promotion and in the final stage; outage after run "
+          f"{outage}; stall after the database came back {stall:.1f}s")
+
     assert status["phase"] == "Succeeded", status
+    assert stall is not None and stall < 15, f"the search stalled {stall:.1f}s after the database came back"
+    study = optuna.load_study(study_name=f"{NAMESPACE}.{name}", storage=cluster.database)
+    trials = study.get_trials(deepcopy=False)
+    assert [t.number for t in trials] == list(range(len(trials)))  # contiguous: nothing asked and lost
     assert sum(status["trials"].values()) == 8
+    completed = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert status["trials"]["completed"] == len(completed)  # the status says what the study holds
     assert status["front"] and status["hypervolume"] > 0 and any(k.startswith("front-") for k in status["heldOut"])
+    budgets = (20, 60)
+    for trial in trials:
+        rungs = [k for k in range(2) if f"result.r{k}" in trial.user_attrs]
+        if rungs:
+            bracket = trial.user_attrs.get("bracket", 0)
+            evaluated = sum(trial.user_attrs[f"result.r{k}"]["tasks"]["reverse"][1] for k in rungs)
+            assert evaluated == budgets[max(rungs)], f"trial {trial.number}: samples counted twice or lost"
+            assert min(rungs) == bracket
     pods = [p for p in cluster.pod_creations() if p.startswith(name)]
     assert len(pods) == len(set(pods)), "a pod was created twice"
     faulted = [p for p in pods if fault_of(p)]
     assert faulted, "the draw injected no fault"
     for pod in faulted:
         assert f"{pod}-a1" in pods, f"{pod} ({fault_of(pod)}) was not retried under a new name"
+    time.sleep(3)  # a last reconcile's sweep
+    left = cluster.core.list_namespaced_pod(NAMESPACE, label_selector=f"{LABEL_SEARCH}={name}").items
+    # Nothing is left but failed pods kept for debugging (the operator's keepFailedPods, 5)
+    assert all(p.status.phase == "Failed" for p in left) and len(left) <= 5, [p.metadata.name for p in left]
     events = cluster.core.list_namespaced_event(NAMESPACE).items
     assert any(e.involved_object.name == name for e in events)
 

@@ -14,8 +14,7 @@ from mergesearch_operator.executors import worker
 from mergesearch_operator.k8s.pods import LABEL_SEARCH, MANAGED_BY, SPEC_ENV, trial_pod, worker_pod
 from mergesearch_operator.k8s.settings import OperatorSettings
 from mergesearch_operator.spec import ManifestError, Trial, parse_manifest
-
-from .test_resources import spec
+from tests.cluster.fakes import spec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "manifests" / "examples" / "lfs-single-objective.yaml"
 AFFINITY = {

@@ -14,8 +14,8 @@ from mergesearch_operator.k8s.settings import OperatorSettings
 from mergesearch_operator.k8s.status import search_status
 from mergesearch_operator.search.controller import Best, SearchStatus
 from mergesearch_operator.spec import Trial
-from mergesearch_trial_runner.plan.ir import MergePlan
-from mergesearch_trial_runner.spec import TrialResult, TrialSpec
+from mergesearch_trial_runner.spec import TrialResult
+from tests.cluster.fakes import RecordingApi, spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -41,17 +41,6 @@ def test_the_crd_gives_no_search_space_a_default_of_another_type():
     schema = custom_resource_definition()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     space = schema["properties"]["spec"]["properties"]["searchSpace"]["properties"]
     assert not [name for name, prop in space.items() if "default" in prop]
-
-
-def spec(name: str = "s-t3-r1") -> TrialSpec:
-    plan = MergePlan.model_validate(
-        {
-            "models": {"base": "s3://m/base", "a": "s3://m/a"},
-            "base_model": "base",
-            "slices": [{"method": "linear", "sources": [{"model": "a", "layers": [0, 2], "params": {"weight": 1.0}}]}],
-        }
-    )
-    return TrialSpec(name=name, plan=plan, tasks=[{"name": "t", "data": "s3://e/t.jsonl"}], ranges={"t": (0, 10)})
 
 
 def test_the_trial_pod():
@@ -97,18 +86,6 @@ def test_the_trial_pod():
     assert spec_of(pod).plan == spec().plan and spec_of(pod).cache_dir == "/var/cache/mergesearch"
 
 
-class RecordingApi:
-    def __init__(self):
-        self.created, self.deleted = [], []
-
-    def create_pod(self, namespace, body):
-        self.created.append(body["metadata"]["name"])
-        return True
-
-    def delete_pod(self, namespace, name):
-        self.deleted.append(name)
-
-
 def executor(now: float = 1000.0) -> tuple[KubernetesExecutor, RecordingApi]:
     api = RecordingApi()
     settings = OperatorSettings(unschedulable_seconds=60, image_pull_seconds=30, keep_failed_pods=1)
@@ -141,6 +118,15 @@ def test_a_pod_is_created_once_and_counts_as_running_before_the_watch_sees_it():
     ex.observe({"s-t3-r1": pod()})
     ex.start(spec())
     assert api.created == ["s-t3-r1"]
+
+
+def test_a_run_cancelled_before_the_watch_showed_its_pod_is_let_go():
+    ex, api = executor()
+    ex.start(spec())
+    ex.cancel("s-t3-r1")
+    ex.observe({})  # the watch saw the pod come and go between two looks, or not at all
+    assert api.deleted == ["s-t3-r1"]
+    assert ex.poll("s-t3-r1").phase == "Missing" and list(ex.held()) == []
 
 
 @pytest.mark.parametrize(
@@ -225,6 +211,33 @@ def test_status_is_small_whatever_the_number_of_trials():
     body = search_status(status, generation=3, conditions=[])
     assert len(json.dumps(body)) < 16 * 1024
     assert len(body["heldOut"]) <= 24 and body["observedGeneration"] == 3
+
+
+def test_a_sweep_deletes_the_pods_of_runs_that_are_not_live():
+    """What a restarted operator finds: pods of finished, superseded or unknown runs, beside live ones."""
+    ex, api = executor()
+    result = '{"name": "s-t1-r0", "ok": true, "tasks": {}}'
+    ex.observe(
+        {
+            "s-t0-r1": pod("s-t0-r1"),  # live: its trial's current run
+            "s-t1-r0": pod("s-t1-r0", phase="Succeeded", message=result),  # decided, delete never sent
+            "s-t2-r0": pod("s-t2-r0", phase="Failed", created=800.0),  # superseded by its retry -a1
+            "s-t3-r0": pod("s-t3-r0", phase="Failed", created=850.0),  # superseded too, the newer failure
+            "s-t4-r0": pod("s-t4-r0", phase="Running", deleting=True),  # already being deleted
+            "s-t9-r2": pod("s-t9-r2"),  # a run the study does not know, still running
+        }
+    )
+    ex.start(spec("s-t2-r0-a1"))  # created this reconcile, not yet seen by the watch
+    ex.sweep({"s-t0-r1", "s-t2-r0-a1"})
+    # the newest failure stays for debugging (keep_failed_pods=1); nothing live, nothing deleting is touched
+    assert sorted(api.deleted) == ["s-t1-r0", "s-t2-r0", "s-t9-r2"]
+    api.deleted.clear()
+    ex.sweep({"s-t0-r1", "s-t2-r0-a1"})  # the watch has not seen them go yet: nothing is asked twice
+    assert api.deleted == []
+    restarted, api = executor()  # a restarted operator has not sent those deletes: it sends them
+    restarted.observe({"s-t1-r0": pod("s-t1-r0", phase="Succeeded", message=result), "s-t0-r1": pod("s-t0-r1")})
+    restarted.sweep({"s-t0-r1"})
+    assert api.deleted == ["s-t1-r0"]
 
 
 def test_the_docs_reference_is_generated_from_the_schema():

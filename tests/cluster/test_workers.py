@@ -20,8 +20,7 @@ from mergesearch_operator.k8s.workers import WorkerPodExecutor
 from mergesearch_operator.search.study import defining, effective_spec
 from mergesearch_operator.spec import Trial, parse_manifest
 from mergesearch_trial_runner.spec import TrialSpec
-
-from .test_resources import RecordingApi, spec
+from tests.cluster.fakes import RecordingApi, spec
 
 SETTINGS = OperatorSettings(
     image_pull_seconds=30, unschedulable_seconds=60, worker_idle_seconds=50, worker_unreachable_seconds=100
@@ -218,6 +217,26 @@ def test_a_restarted_operator_finds_the_runs_its_workers_hold():
     worker.held["s-t0-r0"] = RunPhase.SUCCEEDED
     assert restarted.poll("s-t0-r0").phase == RunPhase.SUCCEEDED
     assert restarted.poll("s-t9-r0").phase == RunPhase.MISSING
+
+
+def test_after_a_restart_a_sweep_frees_workers_holding_runs_the_study_no_longer_wants():
+    """The operator died between committing a run's result and releasing it: the worker still holds the
+    finished run (and its GPU) until the restarted operator's sweep lets it go; a live run stays."""
+    world = World()
+    ex = world.executor
+    ex.start(spec("s-t0-r0"))
+    ex.start(spec("s-t1-r0"))
+    finished, running = world.run_pod("s-w0", "10.0.0.5"), world.run_pod("s-w1", "10.0.0.6")
+    assert ex.poll("s-t0-r0").phase == ex.poll("s-t1-r0").phase == RunPhase.RUNNING
+    finished.held["s-t0-r0"] = RunPhase.SUCCEEDED
+    world.executor = restarted = world.new_executor()  # the release was never sent
+    world.observe()
+    assert sorted(restarted.held()) == ["s-t0-r0", "s-t1-r0"]
+    restarted.sweep({"s-t1-r0"})
+    assert finished.held == {} and running.held == {"s-t1-r0": RunPhase.RUNNING}
+    assert restarted.held() == ["s-t1-r0"] and world.api.deleted == []  # the worker waits for the next run
+    restarted.start(spec("s-t2-r0"))
+    assert finished.started == ["s-t0-r0", "s-t2-r0"]  # and takes it
 
 
 def test_idle_workers_are_deleted_and_a_cancel_frees_a_worker():

@@ -1,4 +1,4 @@
-"""Fixtures of the install tests: the tree to test (with a placeholder CRD until the real one is generated)."""
+"""Fixtures of the install tests: the tree to test, the repository's own chart and manifests."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from .tree import InstallTree, install_tree
+from tests.install.tree import REPO, InstallTree
 
 
 @pytest.fixture(scope="session")
-def tree(tmp_path_factory: pytest.TempPathFactory) -> InstallTree:
-    return install_tree(tmp_path_factory.mktemp("install"))
+def tree() -> InstallTree:
+    return InstallTree(REPO)
 
 
 @pytest.fixture(scope="session")

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from .dashboard import METRICS, metric_names
-from .tree import of_kind, one, render_chart
+from tests.install.dashboard import METRICS, metric_names
+from tests.install.tree import of_kind, one, render_chart
 
 ALERTS = ("MergeSearchStuck", "MergeSearchTrialRunsFailing", "MergeSearchOperatorDown")
 # Short durations so that a real Prometheus (scraping and evaluating every second) raises them in seconds.
@@ -158,7 +158,7 @@ def closed_port() -> str:
 def test_a_real_prometheus_raises_the_alerts_for_seeded_conditions(chart: Path, searches: str):
     """The rendered rules loaded into a real Prometheus: the stuck search and the failing one alert, the
     healthy one does not, and the operator is up; with the operator's endpoint gone, OperatorDown fires."""
-    from support.prometheus import prometheus_server
+    from tests.support.prometheus import prometheus_server
 
     rules = rules_of(chart, FAST)
     with prometheus_server([searches], job="mergesearch", rules=rules) as prometheus:

@@ -10,13 +10,16 @@ import helm_python as helm
 import pytest
 import yaml
 
-from .dashboard import load_dashboard
-from .tree import (
+from mergesearch_operator.k8s.pods import trial_pod
+from mergesearch_operator.k8s.runtime import parse_spec
+from mergesearch_operator.k8s.settings import OperatorSettings
+from mergesearch_trial_runner.plan.ir import MergePlan
+from mergesearch_trial_runner.spec import TrialSpec
+from tests.install.dashboard import load_dashboard
+from tests.install.tree import (
     CHART_CRD,
     MANIFESTS_CRD,
-    REPO,
     InstallTree,
-    crd_missing,
     key,
     of_kind,
     one,
@@ -166,8 +169,7 @@ def test_search_defaults_reach_the_operator(chart: Path):
 def test_operator_settings_read_the_environment_the_chart_sets(chart: Path):
     """Each MERGESEARCH_* variable the chart sets is a field of the operator's settings (a typo would be
     ignored silently by pydantic-settings)."""
-    settings = pytest.importorskip("mergesearch_operator.k8s.settings", reason="operator settings not importable")
-    fields = {f"MERGESEARCH_{name.upper()}" for name in settings.OperatorSettings.model_fields}
+    fields = {f"MERGESEARCH_{name.upper()}" for name in OperatorSettings.model_fields}
     assert set(_env(render_chart(chart, CUSTOM))) <= fields
 
 
@@ -194,13 +196,6 @@ def test_the_trial_image_value_reaches_the_trial_pods_of_a_search_that_names_non
     """The chart's trial.image (an air-gapped cluster's own registry) runs the trials of a search that names no
     image: the chart gives it to the operator as MERGESEARCH_TRIAL_IMAGE, the CRD fills in no image of its
     own, and the operator's pod builder falls back to its setting."""
-    pytest.importorskip("kopf", reason="the operator's dependencies are not installed")
-    from mergesearch_operator.k8s.pods import trial_pod
-    from mergesearch_operator.k8s.runtime import parse_spec
-    from mergesearch_operator.k8s.settings import OperatorSettings
-    from mergesearch_trial_runner.plan.ir import MergePlan
-    from mergesearch_trial_runner.spec import TrialSpec
-
     objects = render_chart(chart, CUSTOM)
     for name, value in _env(objects).items():
         monkeypatch.setenv(name, value)
@@ -348,20 +343,14 @@ def test_schema_rejects_bad_values(chart: Path, case: str):
 def test_chart_crd_is_the_manifests_crd(tree: InstallTree):
     """charts/mergesearch/crds/ holds a byte-identical copy of manifests/crd/ (Helm cannot read a file
     outside the chart, and a symlink breaks `helm package` on some platforms and Argo CD's checks)."""
-    if (REPO / MANIFESTS_CRD).exists():
-        assert (REPO / CHART_CRD).exists(), f"the chart has no CRD: cp {MANIFESTS_CRD} {CHART_CRD}"
-        assert (REPO / CHART_CRD).read_bytes() == (REPO / MANIFESTS_CRD).read_bytes(), (
-            f"{CHART_CRD} differs from {MANIFESTS_CRD}: cp {MANIFESTS_CRD} {CHART_CRD}"
-        )
-    else:
-        assert not (REPO / CHART_CRD).exists(), f"{CHART_CRD} exists but {MANIFESTS_CRD} does not"
-        pytest.skip(crd_missing() or "")
+    assert (tree.root / CHART_CRD).exists(), f"the chart has no CRD: cp {MANIFESTS_CRD} {CHART_CRD}"
+    assert (tree.root / CHART_CRD).read_bytes() == (tree.root / MANIFESTS_CRD).read_bytes(), (
+        f"{CHART_CRD} differs from {MANIFESTS_CRD}: cp {MANIFESTS_CRD} {CHART_CRD}"
+    )
 
 
 def test_chart_crd_has_the_agreed_shape(tree: InstallTree):
     """Group, version, kind, plural, short name, namespaced, status subresource, printer columns."""
-    if tree.placeholder_crd:
-        pytest.skip(crd_missing() or "")
     (crd,) = yaml.safe_load_all((tree.root / CHART_CRD).read_text())
     spec = crd["spec"]
     assert crd["metadata"]["name"] == "mergesearches.mergesearch.io"

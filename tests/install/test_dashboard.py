@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .dashboard import (
+from mergesearch_operator import metrics
+from tests.install.dashboard import (
     FAILURE_CAUSES,
     METRICS,
     PROCESS_METRICS,
@@ -95,7 +96,6 @@ def test_dashboard_shows_every_operator_metric():
 def test_contract_is_what_the_operator_exports():
     """METRICS (what the dashboard was written against) matches mergesearch_operator.metrics: same names,
     types and labels."""
-    metrics = pytest.importorskip("mergesearch_operator.metrics", reason="the operator's metrics module")
     from prometheus_client.metrics import MetricWrapperBase
 
     exported = {}
@@ -185,7 +185,7 @@ def fake_operator_metrics() -> Iterator[str]:
 def test_dashboard_queries_return_data_from_a_real_prometheus(fake_operator_metrics: str):
     """A real Prometheus scrapes the endpoint every second; every dashboard query and every variable query
     returns a finite sample (for one search, and for All), and a broken query is reported as such."""
-    from support.prometheus import PrometheusQueryError, prometheus_server
+    from tests.support.prometheus import PrometheusQueryError, prometheus_server
 
     with prometheus_server([fake_operator_metrics], job="mergesearch") as prometheus:
         prometheus.wait_for_series('up{job="mergesearch"} == 1', timeout=30)

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .tree import REPO
+from mergesearch_operator.k8s.settings import OperatorSettings
+from tests.install.tree import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = {"operator": IMAGES / "operator.Dockerfile", "trial-runner": IMAGES / "trial-runner.Dockerfile"}
@@ -126,8 +127,7 @@ def test_images_are_multi_stage_non_root_and_pinned(image: str):
         values = yaml.safe_load((REPO / "charts/mergesearch/values.yaml").read_text())
         assert int(uid) == values["podSecurityContext"]["runAsUser"]
     else:
-        settings = pytest.importorskip("mergesearch_operator.k8s.settings", reason="operator settings")
-        assert int(uid) == settings.OperatorSettings.model_fields["trial_uid"].default
+        assert int(uid) == OperatorSettings.model_fields["trial_uid"].default
 
 
 @pytest.mark.parametrize("image", DOCKERFILES)

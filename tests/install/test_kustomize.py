@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from .tree import (
+from tests.install.tree import (
     CHART_DASHBOARD,
     NAMESPACE,
     REPO,

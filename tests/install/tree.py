@@ -1,8 +1,7 @@
 """The install tree (chart and manifests), rendered and built the way a user would, and validated.
 
-`install_tree()` is the repository itself once `manifests/crd/` holds the generated CRD; before that
-(the CRD generator is written alongside), a temporary copy of `charts/` and `manifests/` with a
-placeholder CRD of the same name and shape in both places, so everything else can be checked already.
+The tree is the repository itself: `manifests/crd/` holds the CRD generated from the schema (see
+`tests/cluster/test_resources.py`), and the chart a copy of it.
 """
 
 from __future__ import annotations
@@ -36,40 +35,12 @@ FOREIGN_KINDS = {
 # Labels only Helm adds; everything else must be equal between a chart render and a kustomize build.
 HELM_ONLY_LABELS = ("helm.sh/chart", "app.kubernetes.io/managed-by")
 
-PLACEHOLDER_CRD = f"""\
-# Placeholder (tests/install only) until `mergesearch crd > {MANIFESTS_CRD}` has run.
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: mergesearches.mergesearch.io
-spec:
-  group: mergesearch.io
-  names: {{kind: MergeSearch, plural: mergesearches, singular: mergesearch, shortNames: [ms]}}
-  scope: Namespaced
-  versions:
-    - name: v1alpha1
-      served: true
-      storage: true
-      subresources: {{status: {{}}}}
-      additionalPrinterColumns:
-        - {{name: Phase, type: string, jsonPath: .status.phase}}
-        - {{name: Age, type: date, jsonPath: .metadata.creationTimestamp}}
-      schema:
-        openAPIV3Schema:
-          type: object
-          required: [spec]
-          properties:
-            spec: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
-            status: {{type: object, x-kubernetes-preserve-unknown-fields: true}}
-"""
-
 
 @dataclass(frozen=True)
 class InstallTree:
-    """Where the chart and the manifests to test are; `placeholder_crd` when the CRD is not generated yet."""
+    """Where the chart and the manifests to test are."""
 
     root: Path
-    placeholder_crd: bool
 
     @property
     def chart(self) -> Path:
@@ -78,26 +49,6 @@ class InstallTree:
     @property
     def manifests(self) -> Path:
         return self.root / "manifests"
-
-
-def crd_missing() -> str | None:
-    """Why the repository's own tree cannot be tested as it is yet, or None."""
-    if not (REPO / MANIFESTS_CRD).exists():
-        return f"{MANIFESTS_CRD} is not generated yet: run `mergesearch crd > {MANIFESTS_CRD}`"
-    return None
-
-
-def install_tree(scratch: Path) -> InstallTree:
-    """The repository when its CRD exists, else a copy under `scratch` with the placeholder CRD."""
-    if crd_missing() is None:
-        return InstallTree(REPO, placeholder_crd=False)
-    root = scratch / "tree"
-    shutil.copytree(REPO / "charts", root / "charts")
-    shutil.copytree(REPO / "manifests", root / "manifests")
-    for path in (MANIFESTS_CRD, CHART_CRD):
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        (root / path).write_text(PLACEHOLDER_CRD)
-    return InstallTree(root, placeholder_crd=True)
 
 
 def documents(text: str) -> list[dict[str, Any]]:

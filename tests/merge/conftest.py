@@ -1,4 +1,4 @@
-"""Untrained tiny Llama checkpoints for engine tests (fast to build, real files), mergekit 0.1.5, and reading merges."""
+"""Untrained tiny Llama checkpoints for engine tests (fast to build, real files), mergekit 0.1.5."""
 
 from __future__ import annotations
 
@@ -6,18 +6,8 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from mergesearch_trial_runner.testbed.models import TinyLlama, random_llama
-
-
-def load(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a merged model directory, whatever its sharding."""
-    state: dict[str, torch.Tensor] = {}
-    for file in model_dir.glob("*.safetensors"):
-        state.update(load_file(file))
-    return state
 
 
 @pytest.fixture(scope="session")

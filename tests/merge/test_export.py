@@ -19,8 +19,7 @@ from mergesearch_trial_runner.merge.engine import merge_to_directory
 from mergesearch_trial_runner.plan.export import NotExpressible, mergekit_recipe, to_mergekit_yaml
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.plan.mergekit import from_mergekit_yaml
-
-from .conftest import load
+from tests.merge.tensors import load
 
 EXPERTS = ("a", "b")
 
@@ -126,8 +125,6 @@ def head_from_first_group(models: dict[str, Path]) -> MergePlan:
         ],
         head_slice=0,
     )
-
-
 
 
 def run_mergekit(recipe_file: Path, out: Path, command: str, bin_dir: Path) -> None:

@@ -13,8 +13,7 @@ import torch
 
 from mergesearch_operator.cli import main as mergesearch
 from mergesearch_trial_runner.plan.mergekit import MergekitError, from_mergekit_yaml
-
-from .conftest import load
+from tests.merge.tensors import load
 
 RECIPES = {
     "linear": """
@@ -89,8 +88,6 @@ merge_method: passthrough
 dtype: float32
 """,
 }
-
-
 
 
 @pytest.mark.slow

@@ -31,8 +31,7 @@ from mergesearch_trial_runner.merge.engine import merge_to_directory
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.spec import Counts, TrialSpec
 from mergesearch_trial_runner.store import ModelStore
-
-from .runs import run_to_the_end
+from tests.runner.runs import run_to_the_end
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,7 @@ import pytest
 from mergesearch_operator.executors.base import RunPhase
 from mergesearch_operator.executors.local import LocalExecutor
 from mergesearch_trial_runner.spec import TrialSpec
-
-from .runs import run_to_the_end
+from tests.runner.runs import run_to_the_end
 
 
 def spec_as_run(executor: LocalExecutor, spec: TrialSpec) -> TrialSpec:

@@ -63,7 +63,7 @@ def test_a_wrong_token_or_a_bad_request_is_refused(worker, trial_spec: TrialSpec
     address, executor = worker
     with pytest.raises(WorkerError, match="401"):
         WorkerClient(address, "guess").start(trial_spec)
-    assert executor.names() == []
+    assert executor.held() == []
     client = WorkerClient(address, TOKEN)
     with pytest.raises(WorkerError, match=r"400.*the spec is for fresh, the path for other"):
         client._call("PUT", "/runs/other", trial_spec.model_dump_json().encode())
@@ -71,7 +71,7 @@ def test_a_wrong_token_or_a_bad_request_is_refused(worker, trial_spec: TrialSpec
         client._call("PUT", "/runs/fresh", b'{"name": "fresh"}')
     with pytest.raises(WorkerError, match="404"):
         client._call("GET", "/elsewhere")
-    assert executor.names() == []
+    assert executor.held() == []
 
 
 def test_a_worker_that_is_not_listening_is_unreachable_not_an_error(tmp_path: Path) -> None:

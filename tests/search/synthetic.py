@@ -46,6 +46,7 @@ class SyntheticExecutor(Executor):
     runs: dict[str, dict] = field(default_factory=dict)
     started: list[str] = field(default_factory=list)
     evaluated: list[tuple[str, str, int]] = field(default_factory=list)  # (trial's run prefix, task, sample)
+    released: set[str] = field(default_factory=set)
     accelerators_per_run: float = 1.0
 
     def start(self, spec: TrialSpec) -> None:
@@ -92,5 +93,8 @@ class SyntheticExecutor(Executor):
         if name in self.runs:
             self.runs[name]["cancelled"] = True
 
+    def held(self) -> list[str]:
+        return [name for name in self.runs if name not in self.released]
+
     def release(self, name: str) -> None:
-        pass
+        self.released.add(name)

@@ -21,9 +21,8 @@ from mergesearch_operator.spaces import DepthwiseIntegration, Skip, build_space
 from mergesearch_operator.spaces.baselines import HAND_RECIPES
 from mergesearch_operator.spec import parse_manifest
 from mergesearch_trial_runner.plan.ir import MergePlan
-
-from .conftest import EXPERTS, FACTS, make_controller, manifest, run_to_end
-from .synthetic import SyntheticExecutor
+from tests.search.searches import EXPERTS, FACTS, make_controller, manifest, run_to_end
+from tests.search.synthetic import SyntheticExecutor
 
 
 def evaluated_by_trial(executor: SyntheticExecutor) -> dict[tuple[str, str], list[int]]:

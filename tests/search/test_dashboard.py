@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
-from .conftest import make_controller, manifest, run_to_end
-from .synthetic import SyntheticExecutor
+from tests.search.searches import make_controller, manifest, run_to_end
+from tests.search.synthetic import SyntheticExecutor
 
 DASHBOARD = Path(sys.executable).with_name("optuna-dashboard")
 

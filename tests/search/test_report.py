@@ -13,8 +13,7 @@ import numpy as np
 
 from mergesearch_operator.report import plan_figure, render, rung_results, write_report
 from mergesearch_operator.spaces import DepthwiseIntegration
-
-from .conftest import EXPERTS, FACTS, make_controller, manifest, run_to_end
+from tests.search.searches import EXPERTS, FACTS, make_controller, manifest, run_to_end
 
 PNG = re.compile(r'src="data:image/png;base64,([^"]+)"')
 

@@ -15,8 +15,7 @@ from mergesearch_operator.spec import LFSSpace, parse_manifest
 from mergesearch_trial_runner.merge.engine import merge_to_directory
 from mergesearch_trial_runner.plan.methods import METHODS, MethodSpec, ParamScope, ParamSpec, Searched
 from mergesearch_trial_runner.testbed.models import random_llama
-
-from .conftest import FACTS, manifest
+from tests.search.searches import FACTS, manifest
 
 
 def test_layer_groups_cover_every_layer_once():

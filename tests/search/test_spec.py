@@ -11,8 +11,7 @@ import pytest
 from mergesearch_operator.preflight import check_objectives, model_facts
 from mergesearch_operator.spec import ManifestError, load_manifest, parse_manifest
 from mergesearch_trial_runner.store import ModelStore
-
-from .conftest import BASE_MANIFEST
+from tests.search.searches import BASE_MANIFEST
 
 
 def error(**changes) -> ManifestError:

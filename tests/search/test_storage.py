@@ -10,9 +10,8 @@ from optuna.trial import TrialState
 
 from mergesearch_operator.search.study import make_storage
 from mergesearch_operator.spaces import LayerwiseFusion
-
-from .conftest import FACTS, make_controller, manifest, run_to_end
-from .synthetic import SyntheticExecutor
+from tests.search.searches import FACTS, make_controller, manifest, run_to_end
+from tests.search.synthetic import SyntheticExecutor
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])

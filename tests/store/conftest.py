@@ -11,9 +11,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from store_helpers import FAST
 
 from mergesearch_trial_runner.store import ModelStore
+from tests.store.store_helpers import FAST
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from store_helpers import FAST, count_requests, same_files, write_safetensors
-from support.s3 import s3_server as running_s3_server
 
 from mergesearch_trial_runner.store import ModelStore, StoreError
+from tests.store.store_helpers import FAST, count_requests, same_files, write_safetensors
+from tests.support.s3 import s3_server as running_s3_server
 
 
 def _committed(cache: Path) -> list[Path]:

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from store_helpers import FAST, count_requests, same_files
 
 from mergesearch_trial_runner.checkpoint import Checkpoint
 from mergesearch_trial_runner.store import ModelStore, StoreError
+from tests.store.store_helpers import FAST, count_requests, same_files
 
 
 @pytest.mark.parametrize("model", ["single", "sharded"])

@@ -7,12 +7,12 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from store_helpers import FAST, count_requests, same_files, write_safetensors
 
 from mergesearch_trial_runner.checkpoint import Checkpoint
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.plan.tensors import plan_tensors
 from mergesearch_trial_runner.store import ModelStore, RemoteCheckpoint, StoreError
+from tests.store.store_helpers import FAST, count_requests, same_files, write_safetensors
 
 EXTRA = {"mergesearch_plan.json": b'{"slices": []}', "scores.json": b'{"gsm8k": 0.5}'}
 

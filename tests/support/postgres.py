@@ -42,6 +42,10 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.data, "postgres", "postgres")
         self._run(str(BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        self._serve()
+        return self
+
+    def _serve(self) -> None:
         options = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c max_connections=200"
         log = str(self.root / "server.log")
         self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "60", "start")
@@ -52,7 +56,13 @@ class PostgresServer:
             if time.monotonic() > deadline:
                 raise RuntimeError("PostgreSQL did not become ready")
             time.sleep(0.2)
-        return self
+
+    def restart(self, down_seconds: float) -> None:
+        """An outage: the server goes away at once (as a crash would), stays down, and comes back with its
+        data on the same port; returns when it accepts connections again."""
+        self._run(str(BIN / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        time.sleep(down_seconds)
+        self._serve()
 
     def create_database(self, name: str) -> str:
         subprocess.run(
