@@ -156,7 +156,7 @@ def _best(args: argparse.Namespace) -> int:
     from mergesearch_trial_runner.plan.export import NotExpressible, mergekit_recipe
 
     controller = _search(args).inspect()
-    finalists = {label: found for label, found in controller.finalists().items() if found[0] is not None}
+    finalists = {label: found for label, found in controller.final.finalists().items() if found[0] is not None}
     if not finalists:
         print("no trial has finished at the top rung yet", file=sys.stderr)
         return 1

@@ -233,7 +233,7 @@ def render(controller: SearchController, name: str) -> str:
         ("Incumbent", incumbent_figure(results, status, weights)),
         ("Rungs", rung_figure(results, list(controller.schedule.budgets))),
     ]
-    finalists = {label: found for label, found in controller.finalists().items() if found[0] is not None}
+    finalists = {label: found for label, found in controller.final.finalists().items() if found[0] is not None}
     if finalists:
         label, (trial, plan) = next(iter(finalists.items()))
         figures.append((f"Best plan ({label}, trial {trial})", plan_figure(plan, list(controller.facts.experts))))

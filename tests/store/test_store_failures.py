@@ -174,7 +174,7 @@ def test_store_errors_survive_pickling():
 
 def test_a_cache_file_that_cannot_be_opened_is_a_store_error(tmp_path):
     """Not a TypeError from building the error: the message names the file and the fix."""
-    from mergesearch_trial_runner.store import _writable
+    from mergesearch_trial_runner.store.transfer import _writable
 
     missing = tmp_path / "gone" / "model.safetensors.partial"
     with (
