@@ -220,4 +220,5 @@ def cleanup(body: kopf.Body, meta: kopf.Meta, trial_pods: kopf.Index, memo: kopf
     if runtime is not None:
         runtime.metrics.forget()
         if meta.get("annotations", {}).get(DELETE_STUDY_ANNOTATION) == "true":
-            optuna.delete_study(study_name=runtime.controller.study.study_name, storage=runtime.controller.storage)
+            records = runtime.controller.records
+            optuna.delete_study(study_name=records.study.study_name, storage=records.storage)

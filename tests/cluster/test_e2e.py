@@ -443,7 +443,7 @@ def test_prometheus_scraped_every_metric(cluster, prometheus):
 
 
 def test_every_dashboard_query_returns_data(cluster, prometheus):
-    from install.dashboard import dashboard_queries, variable_queries
+    from tests.install.dashboard import dashboard_queries, variable_queries
 
     queries = dashboard_queries(namespace=NAMESPACE, rate_interval="30m") + variable_queries(namespace=NAMESPACE)
     assert len(queries) > 10

@@ -19,14 +19,14 @@ from collections.abc import Callable, Iterator
 from mergesearch_trial_runner.spec import TrialSpec
 
 from ...executors.base import Executor
-from ..storage import SingleWriterStorage
+from .records import StudyRecords
 
 log = logging.getLogger(__name__)
 
 
 class DeferredActs:
-    def __init__(self, storage: SingleWriterStorage, executor: Executor):
-        self.storage, self.executor = storage, executor
+    def __init__(self, records: StudyRecords, executor: Executor):
+        self.records, self.executor = records, executor
         self._pending: list[tuple[Callable[[], None], bool]] | None = None  # (act, whether a cleanup)
         self._cleanups_to_retry: list[Callable[[], None]] = []
 
@@ -35,7 +35,7 @@ class DeferredActs:
         acts: list[tuple[Callable[[], None], bool]] = []
         self._pending = acts
         try:
-            with self.storage.in_one_transaction():
+            with self.records.transaction():
                 yield
         finally:
             self._pending = None

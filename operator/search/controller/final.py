@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from optuna.trial import TrialState
-
 from mergesearch_trial_runner.plan.ir import MergePlan
 
 from ...executors.base import RunPhase
@@ -31,16 +29,10 @@ class FinalStage:
     def finalists(self) -> dict[str, tuple[int | None, MergePlan]]:
         """Label -> (trial, plan) for the held-out evaluation: the best (or the front) and the baselines."""
         c = self.controller
-        completed = c.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         chosen: dict[str, tuple[int | None, MergePlan]] = {}
-        if completed:
-            if c.pareto:
-                front = c.study.best_trials
-                for index, trial in enumerate(sorted(front, key=lambda t: t.number)):
-                    chosen[f"front-{index}"] = (trial.number, c.plan(trial))
-            else:
-                best = c.study.best_trial
-                chosen["best"] = (best.number, c.plan(best))
+        best = sorted(c.records.best_trials(c.pareto), key=lambda t: t.number)
+        for index, trial in enumerate(best):
+            chosen[f"front-{index}" if c.pareto else "best"] = (trial.number, c.plan(trial))
         for label, plan in baselines(c.facts).items():
             chosen[label] = (None, plan)
         return chosen
@@ -64,7 +56,7 @@ class FinalStage:
             if spent:
                 return Phase.FAILED, f"stopped: {spent} before any trial reached the top rung; raise it", set()
             return Phase.FAILED, "no trial reached the top rung; raise budget.maxTrials or the budgets", set()
-        final = dict(c.study.user_attrs.get(FINAL, {}))
+        final = dict(c.records.attrs.get(FINAL, {}))
         live: set[str] = set()
         pending = 0
         with c.acts.transaction():
@@ -91,7 +83,7 @@ class FinalStage:
                 else:
                     c.observer.run_failed(cause=status.cause or "Error")
                     final[label] = {"run": name, "trial": trial, "error": status.reason[:300]}
-                c.study.set_user_attr(FINAL, final)
+                c.records.set_attr(FINAL, final)
                 c.acts.release(name)
         if pending:
             return Phase.FINALIZING, "evaluating the best merge and the baselines on the held-out split", live

@@ -24,6 +24,7 @@ from ..phases import Decision, Phase
 from ..storage import SingleWriterStorage
 from .acts import DeferredActs
 from .final import FINAL, FinalStage
+from .records import StudyRecords
 from .status import SearchStatus, summarize
 from .trials import (
     BRACKET,
@@ -78,15 +79,13 @@ class SearchController:
     ):
         self.name = name
         self.observer = observer or SearchObserver()
-        self.storage = storage  # for reporting rung scores on trials asked by an earlier controller
-        self.study_id = storage.get_study_id_from_name(study.study_name)
-        self._trial_ids: dict[int, int] = {}
+        self.records = StudyRecords(study, storage)
         self.spec = spec
-        self.study = study
+        self.study = study  # for readers (the report, the CLI, tests); the controller goes through records
         self.space = space
         self.facts = facts
         self.executor = executor
-        self.acts = DeferredActs(storage, executor)
+        self.acts = DeferredActs(self.records, executor)
         self.final = FinalStage(self)
         self._final_runs_pending: set[str] = set()
         fidelity = spec.fidelity
@@ -158,7 +157,7 @@ class SearchController:
 
     def reconcile(self) -> SearchStatus:
         self._initialize()
-        views = [TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
+        views = [TrialView(t, self.schedule) for t in self.records.trials()]
         self._final_runs_pending = set()
         status = self._step(views)
         self._sweep(views)
@@ -237,11 +236,11 @@ class SearchController:
         return self._status(phase, message)
 
     def _initialize(self) -> None:
-        if self.study.user_attrs.get(INITIALIZED):
+        if self.records.attrs.get(INITIALIZED):
             return
         for params in self.space.initial_params():
-            self.study.enqueue_trial(params, skip_if_exists=True)
-        self.study.set_user_attr(INITIALIZED, True)
+            self.records.enqueue(params)
+        self.records.set_attr(INITIALIZED, True)
 
     def _spent(self, used: tuple[int, float]) -> str:
         """The budget that is used up, named as the user writes it, with its use; '' while none is."""
@@ -258,7 +257,7 @@ class SearchController:
 
     def _launch_new(self, views: list[TrialView]) -> bool:
         """Ask Optuna for a candidate and start its first run; False when the candidate is skipped."""
-        trial = self.study.ask()
+        trial = self.records.ask()
         bracket = self.schedule.bracket_of(trial.number, salt=self.name)
         attrs: dict[str, Any] = {BRACKET: bracket}
         if self.pareto:
@@ -268,7 +267,7 @@ class SearchController:
         plan = self.space.suggest(trial)
         if isinstance(plan, Skip):
             trial.set_user_attr(SKIPPED, plan.reason)
-            self.study.tell(trial, state=TrialState.PRUNED)
+            self.records.tell(trial, TrialState.PRUNED)
             views.append(
                 TrialView(Asked(trial.number, TrialState.PRUNED, {**attrs, SKIPPED: plan.reason}), self.schedule)
             )
@@ -281,16 +280,11 @@ class SearchController:
         return True
 
     def _tell(self, view: TrialView, state: TrialState, values: float | list[float] | None = None) -> None:
-        self.study.tell(view.number, values, state=state, skip_if_finished=True)
+        self.records.tell(view.number, state, values)
         view.told = state
 
-    def _trial_id(self, number: int) -> int:
-        if number not in self._trial_ids:
-            self._trial_ids[number] = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, number)
-        return self._trial_ids[number]
-
     def _store(self, view: TrialView, key: str, value: Any) -> None:
-        self.storage.set_trial_user_attr(self._trial_id(view.number), key, value)
+        self.records.set_trial_attr(view.number, key, value)
         view.stored[key] = value
 
     def _drive(self, view: TrialView, views: list[TrialView], *, launching: bool, exhausted: bool) -> int:
@@ -349,7 +343,7 @@ class SearchController:
         self.observer.run_finished(rung=rung, seconds=status.seconds)
         if not self.pareto:  # a learning curve for the dashboard, and what TPE ranks pruned trials by
             score = self._score(view, rung, None)
-            self.storage.set_trial_intermediate_value(self._trial_id(view.number), self.schedule.budgets[rung], score)
+            self.records.report(view.number, self.schedule.budgets[rung], score)
 
     def _record_failure(self, view: TrialView, rung: int, name: str, status: RunStatus, *, launching: bool) -> int:
         failure = {
@@ -417,8 +411,8 @@ class SearchController:
 
     def status(self) -> SearchStatus:
         """The search's status as stored, without driving anything (for `mergesearch status`)."""
-        phase = Phase(self.study.user_attrs.get("phase", Phase.PENDING))
-        return self._status(phase, self.study.user_attrs.get("message", ""), persist=False)
+        phase = Phase(self.records.attrs.get("phase", Phase.PENDING))
+        return self._status(phase, self.records.attrs.get("message", ""), persist=False)
 
     def _status(
         self, phase: Phase, message: str, views: list[TrialView] | None = None, *, persist: bool = True
@@ -426,8 +420,8 @@ class SearchController:
         """The status from `views` (this reconcile's, kept current as it went), or read afresh; stored with
         the study (phase and message) unless `persist` is off."""
         if views is None:
-            views = [TrialView(t, self.schedule) for t in self.study.get_trials(deepcopy=False)]
-        attrs = self.study.user_attrs
+            views = [TrialView(t, self.schedule) for t in self.records.trials()]
+        attrs = self.records.attrs
         status = summarize(
             views,
             phase,
@@ -439,6 +433,6 @@ class SearchController:
             final=attrs.get(FINAL, {}),
         )
         if persist and (attrs.get("phase"), attrs.get("message")) != (phase, message):
-            self.study.set_user_attr("phase", phase)
-            self.study.set_user_attr("message", message)
+            self.records.set_attr("phase", phase)
+            self.records.set_attr("message", message)
         return status
