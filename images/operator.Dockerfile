@@ -15,7 +15,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trial_runner ./trial_runner
-RUN /opt/mergesearch/bin/pip install '.[operator]' \
+RUN /opt/mergesearch/bin/pip install '.[operator,report]' \
     && /opt/mergesearch/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
     && /opt/mergesearch/bin/mergesearch operator --help > /dev/null
 

@@ -187,6 +187,20 @@ def reconcile(
             reason=current.phase,
             message=current.message or current.phase,
         )
+        if current.phase is Phase.SUCCEEDED:
+            _publish_report(body, runtime)
+
+
+def _publish_report(body: kopf.Body, runtime: SearchRuntime) -> None:
+    """The report beside the best merge; a failure to write it is said, and the search stays Succeeded."""
+    try:
+        uri = runtime.publish_report()
+    except Exception as exc:
+        log.exception("writing the report of %s/%s failed", runtime.namespace, runtime.name)
+        kopf.warn(body, reason="ReportFailed", message=f"the report was not written: {type(exc).__name__}: {exc}")
+        return
+    if uri is not None:
+        kopf.info(body, reason="Report", message=f"the search's report is at {uri}")
 
 
 @kopf.on.update(*RESOURCE, field="spec")

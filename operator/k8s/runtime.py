@@ -10,6 +10,7 @@ budgets, `suspend`, the other trial settings and the output may change.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,8 @@ from .executor import KubernetesExecutor, PodExecutor
 from .pods import TOKEN_KEY, owner_reference
 from .settings import OperatorSettings
 from .workers import WorkerPodExecutor
+
+REPORT_FILE = "report.html"
 
 
 def parse_spec(name: str, namespace: str, spec: dict[str, Any]) -> MergeSearchSpec:
@@ -81,6 +84,7 @@ class SearchRuntime:
     reconciled_at: float = 0.0
     failures: int = 0  # reconciles failed in a row (the database away, say)
     retry_at: float = 0.0  # when to try again after a failure
+    output_store: Callable[[], ModelStore] | None = None  # where the report goes (the search's S3 credentials)
 
     @classmethod
     def build(
@@ -123,7 +127,21 @@ class SearchRuntime:
             executor = KubernetesExecutor(**pods)
         metrics = SearchMetrics(namespace, name)
         controller = opened.controller(facts, executor, observer=metrics)
-        return cls(name, namespace, controller, executor, metrics, opened.refused)
+        runtime = cls(name, namespace, controller, executor, metrics, opened.refused)
+        runtime.output_store = lambda: ModelStore(client=s3_client(api, namespace, s3_secret))
+        return runtime
+
+    def publish_report(self) -> str | None:
+        """Write the search's HTML report beside its best merge (`output.uri`/report.html, as `mergesearch
+        run` writes it to its work dir); its URI, or None for a search without an output."""
+        from ..report import render  # matplotlib, only when a search finishes
+
+        output = self.controller.spec.output.uri
+        if output is None or self.output_store is None:
+            return None
+        uri = f"{output.rstrip('/')}/{REPORT_FILE}"
+        self.output_store().write_bytes(uri, render(self.controller, self.name).encode())
+        return uri
 
     def update_spec(self, spec: MergeSearchSpec) -> None:
         """Apply an edited spec: the changeable fields take effect; defining ones are refused."""

@@ -247,6 +247,8 @@ def test_a_search_runs_to_completion_and_the_best_merge_lands_in_the_bucket(clus
     assert any(c["type"] == "Ready" and c["status"] == "True" for c in status["conditions"])
     keys = [o["Key"] for o in cluster.s3.client().list_objects_v2(Bucket="models", Prefix="merged/clean/")["Contents"]]
     assert {"merged/clean/config.json", "merged/clean/mergesearch_plan.json", "merged/clean/scores.json"} <= set(keys)
+    report = cluster.s3.client().get_object(Bucket="models", Key="merged/clean/report.html")["Body"].read().decode()
+    assert report.count("data:image/png;base64,") >= 3 and "Held-out test split" in report  # the operator's report
     assert any(k.endswith(".safetensors") for k in keys)
     pods = cluster.pod_creations()
     assert len(pods) == len(set(pods)), "a pod was created twice"

@@ -27,7 +27,7 @@ from tests.install.tree import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = {"operator": IMAGES / "operator.Dockerfile", "trial-runner": IMAGES / "trial-runner.Dockerfile"}
-EXPECTED_EXTRAS = {"operator": {"operator"}, "trial-runner": {"runner", "vllm"}}
+EXPECTED_EXTRAS = {"operator": {"operator", "report"}, "trial-runner": {"runner", "vllm"}}
 # What the operator process imports when it runs (`mergesearch operator` loads the kopf handlers).
 OPERATOR_MODULES = (
     "mergesearch_operator.spec",
@@ -35,6 +35,7 @@ OPERATOR_MODULES = (
     "mergesearch_operator.cli",
     "mergesearch_operator.metrics",
     "mergesearch_operator.k8s.handlers",
+    "mergesearch_operator.report",  # the operator writes each finished search's report
 )
 _PIP_EXTRAS = re.compile(r"""pip\s+install\b[^&|;]*?['"]?\.\[(?P<extras>[^\]]+)\]""")
 

@@ -132,3 +132,16 @@ def test_structure_of_a_header_larger_than_the_first_read(s3_server, bucket, sto
 def test_structure_of_a_local_model_is_the_checkpoint(tiny, store):
     assert _layout(store.model_structure(str(tiny["sharded"]))) == _layout(Checkpoint.open(tiny["sharded"]))
     assert store.model_structure(f"file://{tiny['single']}").config == Checkpoint.open(tiny["single"]).config
+
+
+def test_write_bytes_puts_one_object_and_replaces_it(s3_server, bucket, store, tmp_path):
+    """What the operator writes a finished search's report with, to S3 or a local path."""
+    uri = f"s3://{bucket}/merged/search/report.html"
+    store.write_bytes(uri, b"<html>first</html>")
+    store.write_bytes(uri, b"<html>second</html>")
+    assert store.read_bytes(uri) == b"<html>second</html>"
+    local = tmp_path / "out" / "report.html"
+    store.write_bytes(local, b"<html>here</html>")
+    assert local.read_bytes() == b"<html>here</html>"
+    with pytest.raises(StoreError, match="no bucket"):
+        store.write_bytes("s3:///report.html", b"x")

@@ -116,6 +116,18 @@ class ModelStore:
             self._retrying(lambda name=name, data=data: put_object(self.client, location.child(name), data))
         self._retrying(lambda: check_uploaded(self.client, location, {p.name: p.stat().st_size for p in files}, extra))
 
+    def write_bytes(self, uri: str | os.PathLike[str], data: bytes) -> None:
+        """Write one small object or file (a report beside a merged model), replacing what is there."""
+        location = parse_uri(uri)
+        if isinstance(location, Path):
+            try:
+                location.parent.mkdir(parents=True, exist_ok=True)
+                location.write_bytes(data)
+            except OSError as exc:
+                raise StoreError(os.fspath(uri), f"cannot write: {exc}", retryable=False) from None
+            return
+        self._retrying(lambda: put_object(self.client, location, data))
+
     def model_structure(self, uri: str | os.PathLike[str]) -> Checkpoint | RemoteCheckpoint:
         """config.json and every tensor's dtype, shape and byte range, without reading (or downloading) a
         weight: a few ranged GETs per safetensors file. For the operator, which validates plans against
