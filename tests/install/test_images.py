@@ -3,7 +3,7 @@
 Static: every `pip install` names extras that pyproject.toml defines, every ENTRYPOINT an entry point it
 defines, the final stage runs as the uid the chart (operator) or the operator (trial pods) expects, COPY
 sources exist and survive the .dockerignore, hadolint is clean. Slow: what the operator image's build
-stage runs - `pip install '.[operator]'` from exactly the files it copies, into a fresh venv - works,
+stage runs - `pip install '.[operator,report]'` from exactly the files it copies, into a fresh venv - works,
 brings no torch, and leaves a `mergesearch operator` that starts far enough to print its help.
 """
 
@@ -153,7 +153,7 @@ def test_hadolint_finds_nothing():
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_operator_extra_installs_without_torch(tmp_path: Path):
-    """The operator image's build stage, without the image: a fresh venv, `pip install '.[operator]'` from the
+    """The operator image's build stage, without the image: a fresh venv, `pip install '.[operator,report]'` from the
     files the Dockerfile copies (a real, non-editable install: every package must be listed in
     pyproject.toml), no torch, `mergesearch --help` and `mergesearch operator --help` run, and the modules
     the operator process loads import."""
@@ -170,7 +170,7 @@ def test_operator_extra_installs_without_torch(tmp_path: Path):
     python, bin_dir = venv / "bin" / "python", venv / "bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{source}[operator]"],
+        [str(python), "-m", "pip", "install", "--quiet", f"{source}[{','.join(sorted(EXPECTED_EXTRAS['operator']))}]"],
         capture_output=True,
         text=True,
         timeout=840,
