@@ -38,21 +38,9 @@ def manifest(world, name: str, space: str, seed: int, trials: int) -> dict[str, 
         "kind": "MergeSearch",
         "metadata": {"name": name},
         "spec": {
-            "models": {
-                "base": str(world.model("base")),
-                "experts": [{"name": e, "uri": str(world.model(e))} for e in world.experts],
-            },
+            "models": world.manifest_models(),
             "searchSpace": {"type": space},  # the defaults, as a user's first manifest has them
-            "objectives": [
-                {
-                    "name": task,
-                    "data": str(world.split(task, "search")),
-                    "testData": str(world.split(task, "test")),
-                    "chatTemplate": True,
-                    "maxNewTokens": WORLD.max_new_tokens,
-                }
-                for task in world.experts
-            ],
+            "objectives": world.manifest_objectives(chatTemplate=True, maxNewTokens=WORLD.max_new_tokens),
             "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
             "budget": {"maxTrials": trials, "parallelTrials": 2},
             "search": {"seed": seed},

@@ -35,10 +35,7 @@ def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budge
         "kind": "MergeSearch",
         "metadata": {"name": name},
         "spec": {
-            "models": {
-                "base": str(world.model("base")),
-                "experts": [{"name": e, "uri": str(world.model(e))} for e in TASKS],
-            },
+            "models": world.manifest_models(),
             "searchSpace": {
                 "type": "LFS",
                 "layerGroups": 2,
@@ -48,15 +45,7 @@ def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budge
                 "methods": ["task_arithmetic", "ties"],
                 "tensorGroups": [],
             },
-            "objectives": [
-                {
-                    "name": t,
-                    "data": str(world.split(t, "search")),
-                    "testData": str(world.split(t, "test")),
-                    "maxNewTokens": 8,
-                }
-                for t in TASKS
-            ],
+            "objectives": world.manifest_objectives(TASKS, maxNewTokens=8),
             "fidelity": FIDELITY,
             "budget": {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget},
             "search": {"seed": seed},

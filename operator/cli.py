@@ -102,13 +102,14 @@ def _run(args: argparse.Namespace) -> int:
         with Live(console=console, refresh_per_second=2, transient=False) as live:
             status = search.run(lambda s: live.update(progress(search.name, s, time.monotonic() - started)))
     else:
-        printed: list[tuple] = [()]
+        last_seen: tuple | None = None
 
         def print_changes(s: SearchStatus) -> None:
+            nonlocal last_seen
             seen = (s.phase, tuple(sorted(s.trials.items())), s.best and s.best.value, s.message)
-            if seen != printed[-1]:
+            if seen != last_seen:
                 print(progress_line(s, time.monotonic() - started), flush=True)
-                printed.append(seen)
+                last_seen = seen
 
         status = search.run(print_changes)
     spec = search.resource.spec

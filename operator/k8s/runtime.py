@@ -127,9 +127,8 @@ class SearchRuntime:
             executor = KubernetesExecutor(**pods)
         metrics = SearchMetrics(namespace, name)
         controller = opened.controller(facts, executor, observer=metrics)
-        runtime = cls(name, namespace, controller, executor, metrics, opened.refused)
-        runtime.output_store = lambda: ModelStore(client=s3_client(api, namespace, s3_secret))
-        return runtime
+        output_store = lambda: ModelStore(client=s3_client(api, namespace, s3_secret))  # noqa: E731
+        return cls(name, namespace, controller, executor, metrics, opened.refused, output_store=output_store)
 
     def publish_report(self) -> str | None:
         """Write the search's HTML report beside its best merge (`output.uri`/report.html, as `mergesearch

@@ -43,9 +43,7 @@ class OpenedSearch:
         """The model facts the first preflight stored; the preflight runs (and stores them) when there are
         none yet, or on `recheck`. Without a store, stored facts are all there is."""
         stored = self.study.user_attrs.get(FACTS_ATTR)
-        if stored is not None and not recheck:
-            return ModelFacts.from_json(stored)
-        if store is None:
+        if store is None or (stored is not None and not recheck):
             if stored is None:
                 raise SearchNotFound(f"the search {self.study.study_name!r} has not passed its preflight yet")
             return ModelFacts.from_json(stored)

@@ -16,7 +16,7 @@ from typing import Any
 import optuna
 
 from mergesearch_trial_runner.plan.ir import MergePlan
-from mergesearch_trial_runner.plan.methods import Searched, get_method
+from mergesearch_trial_runner.plan.methods import MethodSpec, Searched, get_method
 
 from .base import ModelFacts, SearchSpace, Skip, SpaceError
 from .baselines import HAND_RECIPES, Recipe
@@ -157,23 +157,28 @@ class LayerwiseFusion(SearchSpace):
         normalised), SLERP with t = 1 from the base; the first method in `EXPERT_ALONE_ORDER` is used."""
         ordered = sorted(self.methods, key=lambda m: EXPERT_ALONE_ORDER.index(m) if m in EXPERT_ALONE_ORDER else 99)
         for method in ordered:
-            searched = [p for p in get_method(method).searched_params if p.search is not None]
             if method == "slerp":
                 params = self._everywhere("slerp", {"t": 1.0})
                 params.update({f"g{g}.slerp.pair": f"base|{expert}" for g in range(len(self.groups))})
                 return params
-            values: dict[str, Any] = {}
-            for param in searched:
-                if param.name == "weight":
-                    values.update({f"weight.{e}": float(e == expert) for e in self.facts.experts})
-                elif param.name in NEUTRAL and _within(NEUTRAL[param.name], param.search):
-                    values[param.name] = NEUTRAL[param.name]
-                else:
-                    break  # a parameter without a neutral value: this method cannot say it
-            else:
-                if any(p.name == "weight" for p in searched):
-                    return self._everywhere(method, values)
+            values = self._one_hot(get_method(method), expert)
+            if values is not None:
+                return self._everywhere(method, values)
         return None
+
+    def _one_hot(self, spec: MethodSpec, expert: str) -> dict[str, Any] | None:
+        """A weighted method's values for `expert` alone: weight 1 for it, 0 for the others, every other
+        searched parameter neutral; None when it has no weight or a parameter without a neutral value."""
+        values: dict[str, Any] = {}
+        for param in spec.searched_params:
+            assert param.search is not None
+            if param.name == "weight":
+                values.update({f"weight.{e}": float(e == expert) for e in self.facts.experts})
+            elif param.name in NEUTRAL and _within(NEUTRAL[param.name], param.search):
+                values[param.name] = NEUTRAL[param.name]
+            else:
+                return None
+        return values if any(name.startswith("weight.") for name in values) else None
 
     def initial_params(self) -> list[dict[str, Any]]:
         design = [params for e in self.facts.experts if (params := self.expert_params(e)) is not None]

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import yaml
 
 from tests.install.dashboard import METRICS, metric_names
 from tests.install.tree import of_kind, one, render_chart
+from tests.support.prometheus import serve_changing_metrics
 
 ALERTS = ("MergeSearchStuck", "MergeSearchTrialRunsFailing", "MergeSearchOperatorDown")
 # Short durations so that a real Prometheus (scraping and evaluating every second) raises them in seconds.
@@ -102,7 +102,7 @@ def searches() -> Iterator[str]:
     """The operator's metrics for three searches, changing while Prometheus scrapes them: `healthy` finishes
     runs all the time, `stuck` is Running and finishes none, `failing` finishes runs and fails more. Yields
     `host:port`."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     registry = CollectorRegistry()
     phase = Gauge("mergesearch_search_phase", "phase", ["namespace", "search", "phase"], registry=registry)
@@ -115,25 +115,14 @@ def searches() -> Iterator[str]:
     for search in ("healthy", "stuck", "failing"):
         phase.labels("team-a", search, "Running").set(1)
         phase.labels("team-a", search, "Succeeded").set(0)
-    stop = threading.Event()
 
-    def advance() -> None:
-        while not stop.is_set():
-            runs.labels("team-a", "healthy", "0").observe(30)
-            runs.labels("team-a", "failing", "0").observe(30)
-            failures.labels("team-a", "failing", "OOMKilled").inc()
-            stop.wait(0.5)
+    def tick() -> None:
+        runs.labels("team-a", "healthy", "0").observe(30)
+        runs.labels("team-a", "failing", "0").observe(30)
+        failures.labels("team-a", "failing", "OOMKilled").inc()
 
-    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    ticker = threading.Thread(target=advance, daemon=True)
-    ticker.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        stop.set()
-        ticker.join(timeout=5)
-        server.shutdown()
-        server.server_close()
+    with serve_changing_metrics(registry, tick, every=0.5) as address:
+        yield address
 
 
 def firing(prometheus: Any, alert: str, timeout: float) -> list[dict[str, Any]]:

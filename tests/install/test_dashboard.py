@@ -3,10 +3,10 @@ Prometheus that scraped those metrics (served here by prometheus-client with mad
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from tests.install.dashboard import (
     panels,
     variable_queries,
 )
+from tests.support.prometheus import serve_changing_metrics
 
 _BY = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 _MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
@@ -129,7 +130,7 @@ def test_every_query_is_valid_promql(tmp_path: Path):
 def fake_operator_metrics() -> Iterator[str]:
     """An HTTP endpoint with the contract's metrics (made-up values for two searches, changing while it runs
     so that rates and quantiles have data) and prometheus-client's process metrics; yields `host:port`."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -150,35 +151,24 @@ def fake_operator_metrics() -> Iterator[str]:
         families["mergesearch_pareto_hypervolume"].labels(namespace, search).set(0.3)
         families["mergesearch_search_phase"].labels(namespace, search, "Running").set(1)
         families["mergesearch_search_phase"].labels(namespace, search, "Succeeded").set(0)
-    stop = threading.Event()
+    steps = itertools.count(1)
 
-    def advance() -> None:  # observations keep arriving, as while searches run
-        step = 0
-        while not stop.is_set():
-            step += 1
-            for namespace, search in searches:
-                families["mergesearch_samples_evaluated"].labels(namespace, search).set(100 * step)
-                families["mergesearch_device_seconds"].labels(namespace, search).set(7.5 * step)
-                families["mergesearch_trial_run_duration_seconds"].labels(namespace, search, str(step % 3)).observe(
-                    40.0 * (1 + step % 5)
-                )
-                families["mergesearch_trial_run_failures_total"].labels(
-                    namespace, search, FAILURE_CAUSES[step % len(FAILURE_CAUSES)]
-                ).inc()
-                families["mergesearch_reconcile_duration_seconds"].labels(namespace, search).observe(0.02 * (step % 4))
-                families["mergesearch_reconcile_errors_total"].labels(namespace, search).inc(step % 2)
-            stop.wait(0.1)
+    def tick() -> None:
+        step = next(steps)
+        for namespace, search in searches:
+            families["mergesearch_samples_evaluated"].labels(namespace, search).set(100 * step)
+            families["mergesearch_device_seconds"].labels(namespace, search).set(7.5 * step)
+            families["mergesearch_trial_run_duration_seconds"].labels(namespace, search, str(step % 3)).observe(
+                40.0 * (1 + step % 5)
+            )
+            families["mergesearch_trial_run_failures_total"].labels(
+                namespace, search, FAILURE_CAUSES[step % len(FAILURE_CAUSES)]
+            ).inc()
+            families["mergesearch_reconcile_duration_seconds"].labels(namespace, search).observe(0.02 * (step % 4))
+            families["mergesearch_reconcile_errors_total"].labels(namespace, search).inc(step % 2)
 
-    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
-    ticker = threading.Thread(target=advance, daemon=True)
-    ticker.start()
-    try:
-        yield f"127.0.0.1:{server.server_port}"
-    finally:
-        stop.set()
-        ticker.join(timeout=5)
-        server.shutdown()
-        server.server_close()
+    with serve_changing_metrics(registry, tick, every=0.1) as address:
+        yield address
 
 
 @pytest.mark.slow

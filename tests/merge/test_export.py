@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 from mergesearch_trial_runner.merge.engine import merge_to_directory
 from mergesearch_trial_runner.plan.export import NotExpressible, mergekit_recipe, to_mergekit_yaml
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.plan.mergekit import from_mergekit_yaml
-from tests.merge.tensors import load
+from tests.merge.tensors import assert_same_tensors
 
 EXPERTS = ("a", "b")
 
@@ -157,11 +156,7 @@ def test_mergekit_reproduces_the_plan(build, command, models, tmp_path, mergekit
     recipe_file.write_text(recipe.text)
     run_mergekit(recipe_file, tmp_path / "mergekit", command, mergekit_yaml.parent)
     merge_to_directory(plan, tmp_path / "ours", model_dirs={n: Path(p) for n, p in plan.models.items()})
-    theirs, ours = load(tmp_path / "mergekit"), load(tmp_path / "ours")
-    assert ours.keys() == theirs.keys()
-    for name, expected in theirs.items():
-        assert ours[name].dtype == expected.dtype, name
-        torch.testing.assert_close(ours[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_tensors(tmp_path / "ours", tmp_path / "mergekit")
 
 
 def test_a_single_recipe_reads_back_as_the_plan(models):

@@ -9,11 +9,10 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-import torch
 
 from mergesearch_operator.cli import main as mergesearch
 from mergesearch_trial_runner.plan.mergekit import MergekitError, from_mergekit_yaml
-from tests.merge.tensors import load
+from tests.merge.tensors import assert_same_tensors
 
 RECIPES = {
     "linear": """
@@ -97,11 +96,7 @@ def test_same_tensors_as_mergekit(method, models, tmp_path, mergekit_yaml):
     recipe.write_text(RECIPES[method].format(**{k: str(v) for k, v in models.items()}))
     subprocess.run([mergekit_yaml, str(recipe), str(tmp_path / "mergekit"), "--quiet"], check=True, capture_output=True)
     assert mergesearch(["merge", str(recipe), str(tmp_path / "ours")]) == 0
-    theirs, ours = load(tmp_path / "mergekit"), load(tmp_path / "ours")
-    assert ours.keys() == theirs.keys()
-    for name, expected in theirs.items():
-        assert ours[name].dtype == expected.dtype, name
-        torch.testing.assert_close(ours[name], expected, atol=1e-6, rtol=1e-5, msg=name)
+    assert_same_tensors(tmp_path / "ours", tmp_path / "mergekit")
 
 
 def test_unsupported_recipe_parts_are_refused_by_name(models):

@@ -29,26 +29,14 @@ def write_manifest(
     output: Path | None = None,
     trial: dict | None = None,
 ) -> Path:
-    objectives = [
-        {
-            "name": task,
-            "data": str(world.split(task, "search")),
-            "testData": str(world.split(task, "test")),
-            "maxNewTokens": 8,
-        }
-        for task in ("reverse", "sort")
-    ]
     document = {
         "apiVersion": "mergesearch.io/v1alpha1",
         "kind": "MergeSearch",
         "metadata": {"name": name},
         "spec": {
-            "models": {
-                "base": str(world.model("base")),
-                "experts": [{"name": e, "uri": str(world.model(e))} for e in world.experts],
-            },
+            "models": world.manifest_models(),
             "searchSpace": {"type": "LFS", "layerGroups": 2, "methods": ["linear", "task_arithmetic", "ties"]},
-            "objectives": objectives,
+            "objectives": world.manifest_objectives(("reverse", "sort"), maxNewTokens=8),
             "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
             "budget": {"maxTrials": max_trials, "parallelTrials": 2},
             "search": {"seed": 1},

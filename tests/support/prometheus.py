@@ -27,11 +27,12 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -239,3 +240,29 @@ def prometheus_server(
         yield server
     finally:
         server.close()
+
+
+@contextlib.contextmanager
+def serve_changing_metrics(registry: Any, tick: Callable[[], None], *, every: float) -> Iterator[str]:
+    """Serve `registry` on a free loopback port as the operator serves its metrics, calling `tick` every
+    `every` seconds (observations keep arriving while Prometheus scrapes, as while searches run); yields
+    `host:port`."""
+    from prometheus_client import start_http_server
+
+    stop = threading.Event()
+
+    def advance() -> None:
+        while not stop.is_set():
+            tick()
+            stop.wait(every)
+
+    server, _thread = start_http_server(0, addr="127.0.0.1", registry=registry)
+    ticker = threading.Thread(target=advance, daemon=True)
+    ticker.start()
+    try:
+        yield f"127.0.0.1:{server.server_port}"
+    finally:
+        stop.set()
+        ticker.join(timeout=5)
+        server.shutdown()
+        server.server_close()

@@ -17,8 +17,10 @@ import os
 import random
 import shutil
 import string
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, processors
@@ -144,6 +146,21 @@ class World:
 
     def split(self, task: str, split: str) -> Path:
         return self.root / "tasks" / f"{task}.{split}.jsonl"
+
+    def manifest_models(self) -> dict[str, Any]:
+        """A MergeSearch manifest's `spec.models` for this world: the base and every expert, as paths."""
+        return {
+            "base": str(self.model("base")),
+            "experts": [{"name": e, "uri": str(self.model(e))} for e in self.experts],
+        }
+
+    def manifest_objectives(self, tasks: Iterable[str] | None = None, **settings: Any) -> list[dict[str, Any]]:
+        """A manifest's `spec.objectives`: one per task (every expert's by default) on its search and test
+        splits, each with `settings` (camelCase objective fields, e.g. maxNewTokens)."""
+        return [
+            {"name": t, "data": str(self.split(t, "search")), "testData": str(self.split(t, "test")), **settings}
+            for t in (self.experts if tasks is None else tasks)
+        ]
 
 
 def _batch(tokenizer: PreTrainedTokenizerFast, batch: list[dict[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
