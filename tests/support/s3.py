@@ -256,6 +256,10 @@ def start_s3_server(data_dir: Path, *, buckets: tuple[str, ...] = (), attempts: 
             "-master.telemetry=false",
             "-master.resumeState=false",
             f"-volume.port={volume}",
+            # Each bucket is a collection with volumes of its own; left at 0, the limit is free disk / 128 MB
+            # (35 here), and a session's buckets outgrow it. Volumes are not preallocated, so a high
+            # limit costs no disk.
+            "-volume.max=1000",
             f"-volume.port.grpc={volume + GRPC_OFFSET}",
             f"-filer.port={filer}",
             f"-filer.port.grpc={filer + GRPC_OFFSET}",
