@@ -111,10 +111,16 @@ class LocalSearch:
     def inspect(self) -> SearchController:
         """A controller over the stored search for reading its status, best plans and report: it opens no
         new study and writes nothing (for `status`, `best`, `report`; an operator's study too)."""
-        if self.storage_url.startswith("sqlite:///") and not Path(self.storage_url.removeprefix("sqlite:///")).exists():
+        if self._never_run():
             raise SearchNotFound(f"no search has run in {self.work_dir}; start it with `mergesearch run`")
         opened = open_search(self.name, self.study_name, self._spec(), self.storage_url, create=False)
         return opened.controller(opened.facts(), self._executor(opened.spec))
+
+    def _never_run(self) -> bool:
+        """No SQLite study file yet (opening one would create it, and fails where its directory is missing)."""
+        return (
+            self.storage_url.startswith("sqlite:///") and not Path(self.storage_url.removeprefix("sqlite:///")).exists()
+        )
 
     def _executor(self, spec: MergeSearchSpec) -> LocalExecutor:
         return LocalExecutor(
@@ -127,6 +133,8 @@ class LocalSearch:
 
     def discard(self) -> None:
         """Delete this search's study and what its runs left in the work dir (the weight cache stays)."""
+        if self._never_run():
+            return
         with contextlib.suppress(KeyError):  # KeyError: never started
             optuna.delete_study(study_name=self.study_name, storage=make_storage(self.storage_url))
         for leftover in ("runs", "best", "runs.log", "engine-host.log", "report.html"):

@@ -114,6 +114,21 @@ def test_a_changed_manifest_is_refused_on_resume_and_restart_starts_over(world, 
     assert controller.study.user_attrs.get("initialized") is None  # a new study: its initial design comes anew
 
 
+def test_restart_in_a_work_dir_never_used_starts_the_search(world, tmp_path):
+    """`mergesearch run --restart` on a fresh machine: nothing to discard, and no SQLite file to open."""
+    from mergesearch_operator.local import LocalSearch
+    from mergesearch_operator.spec import load_manifest
+
+    work = tmp_path / "never-used"
+    search = LocalSearch.for_manifest(
+        load_manifest(write_manifest(tmp_path / "m.yaml", world, name="new", max_trials=2)), work_dir=work
+    )
+    search.discard()
+    assert not work.exists()
+    search.controller()
+    assert "accepted_spec" in study_of(work, "new").user_attrs
+
+
 def test_inspection_creates_nothing_and_finds_an_operators_study(world, tmp_path):
     manifest = write_manifest(tmp_path / "search.yaml", world, name="seen", max_trials=4)
     work = tmp_path / "nowhere"
