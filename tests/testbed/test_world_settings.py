@@ -41,3 +41,23 @@ def test_replay_mixes_in_the_other_tasks_at_its_share_and_settings_name_their_wo
     sorts = [d for d in drawn if d["prompt"].startswith("srt ")]
     assert all(set(d["answer"]) <= set("ijklmnop") for d in sorts)
     assert settings.key() != WorldSettings().key()
+
+
+def test_the_demo_world_has_an_expert_no_objective_measures_and_the_quickstart_merges_it():
+    from pathlib import Path
+
+    import yaml
+
+    from mergesearch_trial_runner.testbed.models import DEMO_WORLD, World
+
+    assert DEMO_WORLD.experts == (*TASKS, "copy") and WorldSettings().experts == tuple(TASKS)
+    assert WorldSettings().key() == "1eefb130691b"  # the key worlds were cached under before extra experts
+    assert DEMO_WORLD.key() != WorldSettings().key()
+    copying = _draw(random.Random(0), ["copy"], list(TASKS), 0.0, DEMO_WORLD)
+    assert copying["prompt"] == f"cpy {copying['answer']}="
+    world = World(Path("/w"), experts=DEMO_WORLD.experts)
+    assert [m["name"] for m in world.manifest_models()["experts"]] == list(DEMO_WORLD.experts)
+    assert [o["name"] for o in world.manifest_objectives()] == list(TASKS)  # copying is no objective
+    quickstart = yaml.safe_load((Path(__file__).parents[2] / "manifests/examples/quickstart.yaml").read_text())
+    assert [e["name"] for e in quickstart["spec"]["models"]["experts"]] == list(DEMO_WORLD.experts)
+    assert [o["name"] for o in quickstart["spec"]["objectives"]] == list(TASKS)

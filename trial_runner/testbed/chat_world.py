@@ -148,7 +148,7 @@ def _fine_tune(
 def build_chat_world(cache_dir: Path | str, settings: ChatWorldSettings = ChatWorldSettings()) -> World:
     """Build (or find in `cache_dir`) SmolLM2-135M-Instruct, one expert per task, and every task's splits."""
     cache_dir = Path(cache_dir)
-    world = World(cache_dir / f"chat-world-{settings.key()}", experts=settings.tasks)
+    world = World(cache_dir / f"chat-world-{settings.key()}", experts=settings.tasks, tasks=settings.tasks)
     if (world.root / "DONE").exists():
         return world
     world.root.mkdir(parents=True, exist_ok=True)

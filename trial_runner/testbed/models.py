@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from .tasks import LETTERS, TASKS, Sample, samples
+from .tasks import LETTERS, OFF_OBJECTIVE_TASKS, TASKS, Sample, samples
 
 _CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -123,23 +123,40 @@ class WorldSettings:
     # Per task (in task order), the letters its words are made of; empty: "abcdefgh" for every task.
     # Tasks over disjoint letters share less of the model, so their task vectors add up with less loss.
     task_letters: tuple[str, ...] = ()
+    # Experts fine-tuned, beside one per task, on tasks no objective measures (`OFF_OBJECTIVE_TASKS`).
+    extra_experts: tuple[str, ...] = ()
     search_samples: int = 1000
     test_samples: int = 300
 
     def letters(self, task: str) -> str:
-        return self.task_letters[list(TASKS).index(task)] if self.task_letters else LETTERS
+        return self.task_letters[list(TASKS).index(task)] if self.task_letters and task in TASKS else LETTERS
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return (*TASKS, *self.extra_experts)
 
     def key(self) -> str:
-        blob = json.dumps({"version": WORLD_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if not self.extra_experts:  # added later: worlds cached before it keep their key
+            del fields["extra_experts"]
+        blob = json.dumps({"version": WORLD_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# The quick start's world: besides an expert per task, one fine-tuned on copying, which no objective
+# measures. Every hand recipe merges all four experts alike and pays for the fourth; a search can weigh
+# each expert per layer and tensor group. (With three experts the tiny world is too flat: its search ends
+# within 0.01 of uniform task arithmetic; docs/benchmarks.md.)
+DEMO_WORLD = WorldSettings(extra_experts=("copy",))
 
 
 @dataclass(frozen=True)
 class World:
-    """Where a built world lies: models by name (`base` and one per task) and task splits."""
+    """Where a built world lies: models by name (`base` and each expert) and the tasks' splits."""
 
     root: Path
-    experts: tuple[str, ...] = tuple(TASKS)  # one expert per task, named as its task
+    experts: tuple[str, ...] = tuple(TASKS)  # an expert is named as the task it was fine-tuned on
+    tasks: tuple[str, ...] = tuple(TASKS)  # the tasks with search and test splits: the objectives
 
     def model(self, name: str) -> Path:
         return self.root / "models" / name
@@ -155,11 +172,11 @@ class World:
         }
 
     def manifest_objectives(self, tasks: Iterable[str] | None = None, **settings: Any) -> list[dict[str, Any]]:
-        """A manifest's `spec.objectives`: one per task (every expert's by default) on its search and test
+        """A manifest's `spec.objectives`: one per task (every task by default) on its search and test
         splits, each with `settings` (camelCase objective fields, e.g. maxNewTokens)."""
         return [
             {"name": t, "data": str(self.split(t, "search")), "testData": str(self.split(t, "test")), **settings}
-            for t in (self.experts if tasks is None else tasks)
+            for t in (self.tasks if tasks is None else tasks)
         ]
 
 
@@ -212,12 +229,12 @@ def _draw(rng: random.Random, tasks: list[str], others: list[str], replay: float
     """One training sample: of `tasks`, or with probability `replay` of the `others`."""
     # Without replay no extra draw is made, so worlds built before replay existed stay the same.
     name = rng.choice(others) if replay and rng.random() < replay else rng.choice(tasks)
-    return TASKS[name](rng, settings.letters(name))
+    return {**TASKS, **OFF_OBJECTIVE_TASKS}[name](rng, settings.letters(name))
 
 
 def build_world(cache_dir: Path | str, settings: WorldSettings = WorldSettings()) -> World:
     """Build (or find in `cache_dir`) the base, one expert per task, and every task's search/test split."""
-    world = World(Path(cache_dir) / f"world-{settings.key()}")
+    world = World(Path(cache_dir) / f"world-{settings.key()}", experts=settings.experts)
     if (world.root / "DONE").exists():
         return world
     world.root.mkdir(parents=True, exist_ok=True)
@@ -227,7 +244,7 @@ def build_world(cache_dir: Path | str, settings: WorldSettings = WorldSettings()
     _train(base, tokenizer, list(TASKS), settings.base_steps, settings.learning_rate, settings, seed=settings.seed)
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
     save_model(base, tokenizer, world.model("base"), torch.float32)
-    for offset, task in enumerate(TASKS, start=1):
+    for offset, task in enumerate(settings.experts, start=1):
         base.load_state_dict(base_state)
         _train(
             base,

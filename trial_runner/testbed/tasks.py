@@ -1,4 +1,5 @@
-"""Synthetic tasks of the tiny-model world: string reversal, sorting and a letter shift.
+"""Synthetic tasks of the tiny-model world: string reversal, sorting and a letter shift (and copying,
+which no objective measures).
 
 Each task is generated from a seed, so the data (and the models trained on it) are reproducible. A
 sample is a prompt and its reference answer, the same shape as a user's JSONL generation task.
@@ -34,7 +35,15 @@ def shift(rng: random.Random, letters: str) -> Sample:
     return {"prompt": f"shf {word}=", "answer": "".join(letters[(letters.index(c) + 1) % len(letters)] for c in word)}
 
 
+def copy(rng: random.Random, letters: str) -> Sample:
+    word = _letters(rng, letters)
+    return {"prompt": f"cpy {word}=", "answer": word}
+
+
 TASKS: dict[str, Callable[[random.Random, str], Sample]] = {"reverse": reverse, "sort": sort, "shift": shift}
+# Tasks an expert may be fine-tuned on that no objective measures, as a user's pool of fine-tunes holds
+# some that help nothing they evaluate.
+OFF_OBJECTIVE_TASKS: dict[str, Callable[[random.Random, str], Sample]] = {"copy": copy}
 
 
 def samples(task: str, count: int, seed: int, letters: str) -> list[Sample]:

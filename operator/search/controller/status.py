@@ -44,7 +44,6 @@ class SearchStatus:
     budgets: list[int] = field(default_factory=list)
 
 
-
 def summarize(
     views: Sequence[TrialView],
     phase: Phase,

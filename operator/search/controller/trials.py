@@ -135,8 +135,6 @@ def accuracies(counts: Mapping[str, tuple[int, int]]) -> dict[str, float]:
     return {task: (c / e if e else 0.0) for task, (c, e) in counts.items()}
 
 
-
-
 def usage(views: Iterable[TrialView], accelerators_per_run: float) -> tuple[int, float]:
     """(samples evaluated, accelerator-seconds held) by these trials' runs, failed ones included."""
     samples = seconds = 0
