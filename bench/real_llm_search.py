@@ -8,7 +8,7 @@ the best merge, each expert alone and every hand recipe on the held-out split (3
 the base is scored once beside them. Each finished search is saved at once and skipped when the
 benchmark runs again, so seeds and spaces can be added one at a time.
 
-    python -m bench.real_llm_search [--space LFS|DIS] [--seeds 0 1 2] [--trials 60]
+    python -m bench.real_llm_search [--space LFS|DIS] [--seeds 0 1 2] [--trials 60] [--scale-range LOW HIGH]
 """
 
 from __future__ import annotations
@@ -32,14 +32,19 @@ WORLD = ChatWorldSettings()
 TRIAL = {"backend": "vllm", "timeoutSeconds": 1800}
 
 
-def manifest(world, name: str, space: str, seed: int, trials: int) -> dict[str, Any]:
+def manifest(
+    world, name: str, space: str, seed: int, trials: int, scale_range: list[float] | None = None
+) -> dict[str, Any]:
+    search_space: dict[str, Any] = {"type": space}  # the defaults, as a user's first manifest has them
+    if scale_range:
+        search_space["scaleRange"] = scale_range
     return {
         "apiVersion": "mergesearch.io/v1alpha1",
         "kind": "MergeSearch",
         "metadata": {"name": name},
         "spec": {
             "models": world.manifest_models(),
-            "searchSpace": {"type": space},  # the defaults, as a user's first manifest has them
+            "searchSpace": search_space,
             "objectives": world.manifest_objectives(chatTemplate=True, maxNewTokens=WORLD.max_new_tokens),
             "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
             "budget": {"maxTrials": trials, "parallelTrials": 2},
@@ -75,10 +80,16 @@ def base_scores(world, resource, work: Path) -> dict[str, float]:
     return {task: counts.correct / counts.evaluated for task, counts in result.tasks.items()}
 
 
+def _label(run: dict[str, Any]) -> str:
+    """A space and, where the run set one, its DIS scale range: runs are summarised per label."""
+    scale = run.get("scale_range")
+    return f"{run['space']} scale {scale[0]:g}-{scale[1]:g}" if scale else run["space"]
+
+
 def summarize(runs: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {}
-    for space in sorted({run["space"] for run in runs.values()}):
-        chosen = [run for run in runs.values() if run["space"] == space]
+    for space in sorted({_label(run) for run in runs.values()}):
+        chosen = [run for run in runs.values() if _label(run) == space]
         margins: dict[str, list[float]] = {"over best recipe": [], "over best expert": []}
         for run in chosen:
             final = {label: mean_accuracy(scores) for label, scores in run["final"].items()}
@@ -106,6 +117,7 @@ def main() -> None:
     parser.add_argument("--space", choices=("LFS", "DIS"), default="LFS")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--trials", type=int, default=60)
+    parser.add_argument("--scale-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="DIS only")
     parser.add_argument("--work-dir", default=".cache/bench/real-llm")
     parser.add_argument("--results", default="bench/results/real_llm_search.json")
     args = parser.parse_args()
@@ -115,9 +127,11 @@ def main() -> None:
     world = build_chat_world(Path.home() / ".cache" / "mergesearch", WORLD)
     for seed in args.seeds:
         name = f"{args.space.lower()}-{seed}-{args.trials}"
+        if args.scale_range:
+            name += "-scale-{:.0f}-{:.0f}".format(*(100 * bound for bound in args.scale_range))  # in percent
         if name in runs:
             continue
-        resource = parse_manifest(manifest(world, name, args.space, seed, args.trials))
+        resource = parse_manifest(manifest(world, name, args.space, seed, args.trials, args.scale_range))
         shutil.rmtree(work / name, ignore_errors=True)  # a finished study left there would be resumed
         search = LocalSearch.for_manifest(resource, work_dir=work / name)
         started = time.monotonic()
@@ -126,6 +140,7 @@ def main() -> None:
         best_trial = status.best.trial if status.best else None
         runs[name] = {
             "space": args.space,
+            "scale_range": args.scale_range,
             "seed": seed,
             "trials": args.trials,
             "minutes": (time.monotonic() - started) / 60,
