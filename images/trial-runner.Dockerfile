@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The trial runner: `mergesearch-trial` with the `runner` and `vllm` extras (torch, transformers, the merge
+# The trial runner: `mergesearch-trial` with the `runner`, `vllm` and `lm-eval` extras (torch, transformers, the merge
 # engine, vLLM for CUDA). The operator starts one pod per trial run from this image.
 # Build from the repository root (images/trial-runner.Dockerfile.dockerignore keeps the context small):
 #   docker build -f images/trial-runner.Dockerfile -t ghcr.io/mergesearch/trial-runner:0.1.0 .
@@ -35,7 +35,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY operator ./operator
 COPY trial_runner ./trial_runner
-RUN /opt/mergesearch/bin/pip install '.[runner,vllm]' \
+RUN /opt/mergesearch/bin/pip install '.[runner,vllm,lm-eval]' \
     && /opt/mergesearch/bin/mergesearch-trial --help > /dev/null \
     && /opt/mergesearch/bin/mergesearch worker --help > /dev/null
 

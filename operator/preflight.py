@@ -102,11 +102,33 @@ def _samples(store: ModelStore, task: TaskSpec, field: str, uri: str) -> list[Sa
     """The samples of one task file; a `ManifestError` naming `field` (data or testData) when it cannot be
     read or parsed."""
     try:
-        return parse_samples(store.read_bytes(uri).decode(), kind=task.kind, source=uri)
+        return parse_samples(store.read_text(uri), kind=task.kind, source=uri)
     except StoreError as exc:
         raise ManifestError(field, f"cannot read the task file: {exc}") from None
     except TaskDataError as exc:
         raise ManifestError(field, str(exc)) from None
+
+
+def check_lm_eval_task(task: TaskSpec, store: ModelStore, where: str) -> None:
+    """An lm_eval objective's few-shot documents and task config can be read, and its task is one lm-eval
+    knows: checked where lm-eval is installed (`mergesearch run`; the operator's image has none, and its
+    trials report an unknown task as a user error)."""
+    if task.few_shot_data is not None:
+        _samples(store, task, f"{where}.fewShotData", task.few_shot_data)
+    if task.task_config is not None:
+        try:
+            store.read_text(task.task_config)
+        except StoreError as exc:
+            raise ManifestError(f"{where}.taskConfig", f"cannot read the task config: {exc}") from None
+    try:
+        from mergesearch_trial_runner.evaluate.lm_eval_tasks import task_config
+    except ImportError:
+        return
+    try:
+        task_config(task, store.read_text)
+    except (ValueError, StoreError) as exc:
+        field = "taskConfig" if task.task_config is not None else "lmEvalTask"
+        raise ManifestError(f"{where}.{field}", str(exc)) from None
 
 
 def check_objectives(spec: MergeSearchSpec, store: ModelStore) -> None:
@@ -114,6 +136,8 @@ def check_objectives(spec: MergeSearchSpec, store: ModelStore) -> None:
     for index, objective in enumerate(spec.objectives):
         where = f"spec.objectives[{index}]"
         task = objective.task()
+        if task.kind == "lm_eval":
+            check_lm_eval_task(task, store, where)
         data = _samples(store, task, f"{where}.data", task.data)
         test = None if task.test_data is None else _samples(store, task, f"{where}.testData", task.test_data)
         splits = split_samples(task, data, test)

@@ -50,10 +50,10 @@ def _device(requested: str) -> str:
 
 
 def load_samples(store: ModelStore, task: TaskSpec, spec: TrialSpec) -> list[Sample]:
-    data = parse_samples(store.read_bytes(task.data).decode(), kind=task.kind, source=task.data)
+    data = parse_samples(store.read_text(task.data), kind=task.kind, source=task.data)
     test = None
     if task.test_data is not None:
-        test = parse_samples(store.read_bytes(task.test_data).decode(), kind=task.kind, source=task.test_data)
+        test = parse_samples(store.read_text(task.test_data), kind=task.kind, source=task.test_data)
     splits = split_samples(task, data, test)
     if spec.split == "test":
         return splits["test"]
@@ -140,7 +140,7 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
             evaluator = closes_here.enter_context(HostedEvaluator(address=host, model=model, settings=settings))
         mark = lap("load", mark)
         for task in spec.tasks:
-            result = evaluator.evaluate(task=task, samples=samples[task.name])
+            result = evaluator.evaluate(task=task, samples=samples[task.name], read=store.read_text)
             counts[task.name] = Counts(correct=result.correct, evaluated=result.evaluated)
             generated += result.generated_tokens
         mark = lap("evaluate", mark)

@@ -7,7 +7,14 @@ A task file has one JSON object per line:
   when unset) and compared with the reference, as numbers when both read as numbers
   (`"1,000.0"` matches `"1000"`), else as trimmed strings.
 - multiple choice: `{"prompt": "...", "choices": ["...", ...], "gold": 1}`; the model's choice is the one
-  whose tokens it gives the highest log-likelihood after the prompt.
+  whose tokens it gives the highest log-likelihood after the prompt (`metric: acc_norm`: per character
+  of the choice, as lm-eval's acc_norm).
+- code: `{"prompt": "...", "tests": "assert f(1) == 2\n..."}`; the greedy completion (cut at stop strings,
+  `answer_pattern` applied, e.g. to take a fenced block) is a program, with the prompt before it when
+  `prompt_in_program` (HumanEval); it is correct when it runs with the tests appended and exits 0 in the
+  sandbox (`evaluate.sandbox`): pass@1.
+- lm_eval: one document per line in the columns of the lm-evaluation-harness task `lm_eval_task`,
+  which builds the prompts and scores the answers (`evaluate.lm_eval_tasks`).
 
 Multi-fidelity: the search split is shuffled once with the task's seed, and fidelity `n` means the first
 `n` samples of that order. A trial evaluates a range `[start, end)` of it, so a promoted trial only sees
@@ -20,12 +27,12 @@ from __future__ import annotations
 import json
 import random
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Split = Literal["search", "test"]
 
@@ -40,8 +47,41 @@ class TaskSpec(BaseModel):
     data: str = Field(min_length=1, description="JSONL of samples: a path, file:// or s3:// URI")
     test_data: str | None = Field(default=None, description="held-out JSONL; when unset, a seeded share of `data`")
     test_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of `data` held out when no `test_data`")
-    kind: Literal["generate", "multiple_choice"] = Field(
-        default="generate", description="generate: exact match of a completion; multiple_choice: log-likelihood"
+    kind: Literal["generate", "multiple_choice", "code", "lm_eval"] = Field(
+        default="generate",
+        description="generate: exact match of a completion; multiple_choice: log-likelihood; code: the completion "
+        "runs with the sample's tests in a sandbox (pass@1); lm_eval: an lm-evaluation-harness task (lm_eval_task) "
+        "scores the documents in data",
+    )
+    prompt_in_program: bool = Field(
+        default=False,
+        description="kind code: the program is the prompt followed by the completion (HumanEval: the prompt is a "
+        "signature and docstring); default: the completion alone (MBPP)",
+    )
+    program_timeout_seconds: float = Field(
+        default=10, gt=0, le=600, description="kind code: wall time of one program with its tests (CPU: half)"
+    )
+    lm_eval_task: str | None = Field(
+        default=None,
+        min_length=1,
+        description="kind lm_eval: the lm-evaluation-harness task (e.g. gsm8k) whose prompts, few-shot setup, "
+        "filters and metric apply",
+    )
+    task_config: str | None = Field(
+        default=None,
+        min_length=1,
+        description="kind lm_eval: a task YAML of your own defining lm_eval_task (path, file:// or s3://), "
+        "instead of lm-eval's built-in; no !function, no include",
+    )
+    few_shot_data: str | None = Field(
+        default=None, min_length=1, description="kind lm_eval: JSONL of the task's few-shot documents"
+    )
+    metric: str | None = Field(
+        default=None,
+        min_length=1,
+        description="what counts a sample correct. kind lm_eval: lm-eval's 'metric,filter' (default: the task's "
+        "first metric under its first filter, e.g. exact_match,strict-match); multiple_choice: acc (default) or "
+        "acc_norm (log-likelihood per character of the choice)",
     )
     answer_pattern: str | None = Field(
         default=None, description="regex whose first group is the answer in a completion, e.g. 'The answer is: (.*)'"
@@ -64,16 +104,53 @@ class TaskSpec(BaseModel):
                 raise ValueError("answer_pattern needs one capturing group, e.g. 'The answer is: (.*)'")
         return value
 
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> TaskSpec:
+        lm_eval_only = {"lm_eval_task": self.lm_eval_task, "task_config": self.task_config}
+        lm_eval_only["few_shot_data"] = self.few_shot_data
+        if self.kind == "lm_eval":
+            if self.lm_eval_task is None:
+                raise ValueError("kind lm_eval needs lm_eval_task, the lm-evaluation-harness task to run (e.g. gsm8k)")
+            # lm-eval's task config decides these; silently ignoring them would mislead.
+            set_here = [
+                name
+                for name, value, default in (
+                    ("answer_pattern", self.answer_pattern, None),
+                    ("few_shot", self.few_shot, ""),
+                    ("chat_template", self.chat_template, False),
+                    ("stop", self.stop, []),
+                    ("max_new_tokens", self.max_new_tokens, 64),
+                )
+                if value != default
+            ]
+            if set_here:
+                raise ValueError(
+                    f"{', '.join(set_here)} cannot be set with kind lm_eval: the lm-eval task's config decides its "
+                    "prompts and generation (give your own as task_config)"
+                )
+            return self
+        if given := [name for name, value in lm_eval_only.items() if value is not None]:
+            raise ValueError(f"{', '.join(given)} only apply with kind lm_eval (set kind: lm_eval or remove them)")
+        if self.kind != "code" and (self.prompt_in_program or self.program_timeout_seconds != 10):
+            raise ValueError("prompt_in_program and program_timeout_seconds only apply with kind code")
+        if self.metric is not None and not (self.kind == "multiple_choice" and self.metric in ("acc", "acc_norm")):
+            raise ValueError(
+                f"metric {self.metric!r}: a multiple_choice task takes acc or acc_norm, a generate task none"
+            )
+        return self
+
     def prompt(self, sample: Sample) -> str:
         return self.few_shot + sample.prompt
 
 
 @dataclass(frozen=True)
 class Sample:
-    prompt: str
+    prompt: str = ""
     answer: str | None = None  # generation tasks
     choices: tuple[str, ...] = ()  # multiple-choice tasks
     gold: int | None = None
+    tests: str | None = None  # code tasks: Python run after the program; it passes when it exits 0
+    doc: Mapping[str, Any] | None = None  # lm_eval tasks: the document, in the task's columns
 
 
 class TaskDataError(ValueError):
@@ -90,9 +167,18 @@ def parse_samples(text: str, *, kind: str, source: str) -> list[Sample]:
             row = json.loads(line)
         except ValueError as exc:
             raise TaskDataError(f"{where}: not valid JSON ({exc})") from None
+        if kind == "lm_eval":
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{where}: each line must be an object, one document in the task's columns")
+            samples.append(Sample(doc=row))
+            continue
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise TaskDataError(f'{where}: each line must be an object with a string "prompt"')
-        if kind == "generate":
+        if kind == "code":
+            if not isinstance(row.get("tests"), str) or not row["tests"].strip():
+                raise TaskDataError(f'{where}: a code sample needs "tests", Python that asserts the program works')
+            samples.append(Sample(prompt=row["prompt"], tests=row["tests"]))
+        elif kind == "generate":
             if isinstance(row.get("answer"), bool) or not isinstance(row.get("answer"), str | int | float):
                 raise TaskDataError(f'{where}: a generation sample needs an "answer" (string or number)')
             samples.append(Sample(prompt=row["prompt"], answer=str(row["answer"])))
@@ -169,10 +255,11 @@ def cut_at_stop(completion: str, stop: Sequence[str]) -> str:
 
 def extract_answer(completion: str, spec: TaskSpec) -> str:
     completion = cut_at_stop(completion, spec.stop)
-    if spec.answer_pattern is None:
-        return completion.strip()
-    match = re.search(spec.answer_pattern, completion)
-    return (match.group(1) or "").strip() if match else ""  # an optional group may match nothing
+    if spec.answer_pattern is not None:
+        match = re.search(spec.answer_pattern, completion)
+        completion = (match.group(1) or "") if match else ""  # an optional group may match nothing
+    # A program keeps its first line's indentation: a HumanEval completion continues a function's body.
+    return completion.rstrip() if spec.kind == "code" else completion.strip()
 
 
 def answers_match(predicted: str, reference: str) -> bool:

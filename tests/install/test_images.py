@@ -27,7 +27,7 @@ from tests.install.tree import REPO
 
 IMAGES = REPO / "images"
 DOCKERFILES = {"operator": IMAGES / "operator.Dockerfile", "trial-runner": IMAGES / "trial-runner.Dockerfile"}
-EXPECTED_EXTRAS = {"operator": {"operator", "report"}, "trial-runner": {"runner", "vllm"}}
+EXPECTED_EXTRAS = {"operator": {"operator", "report"}, "trial-runner": {"runner", "vllm", "lm-eval"}}
 # What the operator process imports when it runs (`mergesearch operator` loads the kopf handlers).
 OPERATOR_MODULES = (
     "mergesearch_operator.spec",

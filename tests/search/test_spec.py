@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mergesearch_operator.preflight import check_objectives, model_facts
 from mergesearch_operator.spec import ManifestError, load_manifest, parse_manifest
@@ -239,3 +241,36 @@ def test_a_missing_test_file_is_named_as_test_data(world, tmp_path):
     with pytest.raises(ManifestError) as info:
         check_objectives(spec, ModelStore(tmp_path / "cache"))
     assert info.value.field == "spec.objectives[1].data"
+
+
+def test_an_lm_eval_objective_s_missing_files_and_unknown_task_are_named(world, tmp_path):
+    documents = tmp_path / "gsm8k.jsonl"
+    documents.write_text("".join(json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) + "\n" for i in range(120)))
+    base = {"name": "gsm8k", "kind": "lm_eval", "lmEvalTask": "gsm8k", "data": str(documents)}
+    cases = [
+        ({"fewShotData": str(tmp_path / "missing.jsonl")}, "spec.objectives[1].fewShotData", "missing.jsonl"),
+        ({"fewShotData": str(documents), "lmEvalTask": "gsm8k_typo"}, "spec.objectives[1].lmEvalTask", "gsm8k_typo"),
+        ({}, "spec.objectives[1].lmEvalTask", "give their documents as few_shot_data"),  # gsm8k is 5-shot
+        ({"taskConfig": str(tmp_path / "none.yaml")}, "spec.objectives[1].taskConfig", "none.yaml"),
+    ]
+    for changes, field, message in cases:
+        spec = _world_spec(world)
+        objective = {**base, **changes}
+        spec.objectives[1] = type(spec.objectives[0]).model_validate(objective)
+        with pytest.raises(ManifestError) as info:
+            check_objectives(spec, ModelStore(tmp_path / "cache"))
+        assert info.value.field == field and message in str(info.value), (changes, info.value)
+    spec.objectives[1] = type(spec.objectives[0]).model_validate({**base, "fewShotData": str(documents)})
+    check_objectives(spec, ModelStore(tmp_path / "cache"))
+
+
+def test_the_docs_manifest_mixing_every_kind_of_objective_is_valid():
+    from mergesearch_operator.spec import Objective
+
+    text = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
+    block = next(b for b in text.split("```yaml\n")[1:] if b.startswith("objectives:"))
+    objectives = [Objective.model_validate(o) for o in yaml.safe_load(block.split("```\n")[0])["objectives"]]
+    assert [o.kind for o in objectives] == ["generate", "lm_eval", "code"]
+    assert (
+        re.search(objectives[2].answer_pattern or "", "```python\ndef f():\n    pass\n```").group(1).startswith("def")
+    )

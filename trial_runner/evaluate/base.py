@@ -9,13 +9,14 @@ here and in `prompts`, once, so the backends cannot disagree about anything but 
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..tasks import Sample, TaskCounts, TaskSpec, answers_match, extract_answer
+from ..tasks import Sample, TaskCounts, TaskSpec, answers_match, extract_answer, read_local_text
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, TaskModelError
 
 if TYPE_CHECKING:
@@ -36,6 +37,22 @@ class InMemoryModel:
 
 
 ModelSource = Path | str | InMemoryModel  # a Hugging Face model directory, or a model in memory
+
+
+def run_tests(task: TaskSpec, samples: Sequence[Sample], programs: Sequence[str]) -> list[bool]:
+    """Whether each program passes its sample's tests in the sandbox (a code task's pass@1)."""
+    from .sandbox import SandboxLimits, run_programs
+
+    limits = SandboxLimits(
+        wall_seconds=task.program_timeout_seconds,
+        cpu_seconds=max(1.0, task.program_timeout_seconds / 2),
+        parallel=max(1, min(8, os.cpu_count() or 1)),
+    )
+    sources = [
+        (sample.prompt if task.prompt_in_program else "") + program + "\n\n" + (sample.tests or "")
+        for sample, program in zip(samples, programs, strict=True)
+    ]
+    return [result.passed for result in run_programs(sources, limits)]
 
 
 @dataclass(frozen=True)
@@ -93,31 +110,48 @@ class Evaluator(ABC):
         """Import what opening this evaluator imports lazily, so that a process forked afterwards (the
         local fork server's trials) opens one without importing anything."""
 
-    def evaluate(self, *, task: TaskSpec, samples: Sequence[Sample]) -> TaskCounts:
-        return count(self.evaluate_samples(task=task, samples=samples))
+    def evaluate(
+        self, *, task: TaskSpec, samples: Sequence[Sample], read: Callable[[str], str] = read_local_text
+    ) -> TaskCounts:
+        return count(self.evaluate_samples(task=task, samples=samples, read=read))
 
-    def evaluate_samples(self, *, task: TaskSpec, samples: Sequence[Sample]) -> list[SampleResult]:
-        """Like `evaluate`, with each sample's result (for reports and debugging)."""
+    def evaluate_samples(
+        self, *, task: TaskSpec, samples: Sequence[Sample], read: Callable[[str], str] = read_local_text
+    ) -> list[SampleResult]:
+        """Like `evaluate`, with each sample's result (for reports and debugging). `read` reads the task's
+        files beyond its samples (an lm_eval task's config and few-shot documents) by URI."""
         if self._closed:
             raise RuntimeError(f"the {self.name} evaluator is closed")
         if not samples:
             return []
-        if task.kind == "generate":
+        if task.kind in ("generate", "code"):
             return self._score_generations(task, samples)
+        if task.kind == "lm_eval":
+            try:
+                from .lm_eval_tasks import score_documents
+            except ImportError as exc:
+                raise TaskModelError(
+                    f"task {task.name} is an lm_eval task, but lm-evaluation-harness cannot be imported here ({exc}); "
+                    "install the lm-eval extra: pip install 'mergesearch[lm-eval]'"
+                ) from None
+            return score_documents(self, task, samples, read=read)
         return self._score_choices(task, samples)
 
     def _score_generations(self, task: TaskSpec, samples: Sequence[Sample]) -> list[SampleResult]:
-        if any(s.answer is None for s in samples):
+        if task.kind == "generate" and any(s.answer is None for s in samples):
             raise TaskModelError(f"task {task.name}: a generation task needs an answer for every sample")
         requests = self.prompts.generation_requests(task, samples)
         outputs = self._generate(requests, stop=tuple(task.stop))
-        results = []
-        for sample, tokens in zip(samples, outputs, strict=True):
-            completion = self.prompts.completion(tokens)
-            prediction = extract_answer(completion, task)
-            assert sample.answer is not None
-            results.append(SampleResult(prediction, answers_match(prediction, sample.answer), len(tokens), completion))
-        return results
+        completions = [self.prompts.completion(tokens) for tokens in outputs]
+        predictions = [extract_answer(completion, task) for completion in completions]
+        if task.kind == "code":
+            passed = run_tests(task, samples, predictions)
+        else:
+            passed = [answers_match(p, s.answer or "") for p, s in zip(predictions, samples, strict=True)]
+        return [
+            SampleResult(prediction, correct, len(tokens), completion)
+            for prediction, correct, tokens, completion in zip(predictions, passed, outputs, completions, strict=True)
+        ]
 
     def _score_choices(self, task: TaskSpec, samples: Sequence[Sample]) -> list[SampleResult]:
         if any(len(s.choices) < 2 or s.gold is None for s in samples):
@@ -128,7 +162,13 @@ class Evaluator(ABC):
             # A broken merge can give NaN: such a choice is never picked, and a sample with no
             # finite choice is wrong (a bad model scores low, it does not fail the trial).
             logprobs = tuple(-math.inf if math.isnan(x) else x for x in (next(scores) for _ in sample.choices))
-            best = max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))  # ties go to the first choice
+            # acc_norm, as lm-eval's: log-likelihood per character, so that long choices are not penalised.
+            ranked = (
+                [lp / max(1, len(choice)) for lp, choice in zip(logprobs, sample.choices, strict=True)]
+                if task.metric == "acc_norm"
+                else logprobs
+            )
+            best = max(range(len(ranked)), key=lambda i: (ranked[i], -i))  # ties go to the first choice
             if logprobs[best] == -math.inf:
                 results.append(SampleResult("", False, 0, choice_logprobs=logprobs))
             else:

@@ -12,7 +12,7 @@ from here and return token ids. That is what keeps `hf` and `vllm` from drifting
   since templates write their own BOS when the model wants one. A doubled BOS at the start (a few-shot
   prefix or template that writes it and a tokenizer that adds it) is cut to one.
 - Multiple choice: each choice's tokens (no special tokens) follow the prompt's tokens; the choice is
-  scored by the sum of their log-probabilities (no length normalisation).
+  scored by the sum of their log-probabilities (`metric: acc_norm`: divided by the choice's characters).
 - End of a completion: the tokenizer's EOS and every `eos_token_id` of generation_config.json (what
   vLLM stops on as well), or a stop string, or the token budget. The completion text is the decoded
   tokens without special tokens; scoring then cuts it at the first stop string (`tasks.extract_answer`).

@@ -78,6 +78,15 @@ class ModelStore:
                 raise StoreError(os.fspath(uri), f"cannot read: {exc}", retryable=False) from None
         return self._retrying(lambda: read_object(self.client, location, max_bytes=self.settings.max_read_bytes))
 
+    def read_text(self, uri: str | os.PathLike[str]) -> str:
+        """`read_bytes` as UTF-8 text (task files)."""
+        try:
+            return self.read_bytes(uri).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise StoreError(
+                os.fspath(uri), f"not UTF-8 text ({exc.reason} at byte {exc.start})", retryable=False
+            ) from None
+
     def upload_model(
         self, local_dir: Path | str, uri: str | os.PathLike[str], *, extra_files: Mapping[str, bytes] | None = None
     ) -> None:
