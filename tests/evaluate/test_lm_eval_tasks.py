@@ -7,53 +7,15 @@ lm-eval's `hf` model is the reference: MergeSearch's counts must equal the ones 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mergesearch_trial_runner.tasks import TaskSpec, load_splits, parse_samples, read_local_text
+from tests.evaluate.lm_eval_formats import GSM8K_FORMAT, MMLU_FORMAT, write_jsonl
 
 pytest.importorskip("lm_eval")
-
-GSM8K_FORMAT = {
-    "task": "tiny_gsm8k_format",
-    "output_type": "generate_until",
-    "doc_to_text": "{{question}}",
-    "doc_to_target": "{{answer}}",
-    "generation_kwargs": {"until": ["\n"], "max_gen_toks": 8, "do_sample": False},
-    "metric_list": [
-        {"metric": "exact_match", "aggregation": "mean", "higher_is_better": True, "regexes_to_ignore": ["(?s).*#### "]}
-    ],
-    "filter_list": [
-        {
-            "name": "strict-match",
-            "filter": [{"function": "regex", "regex_pattern": "^([a-h]+)$"}, {"function": "take_first"}],
-        },
-        {
-            "name": "flexible-extract",
-            "filter": [{"function": "regex", "regex_pattern": "([a-h]+)"}, {"function": "take_first"}],
-        },
-    ],
-}
-MMLU_FORMAT = {
-    "task": "tiny_mmlu_format",
-    "output_type": "multiple_choice",
-    "doc_to_text": "{{question}}",
-    "doc_to_choice": "{{choices}}",
-    "doc_to_target": "answer",
-    "target_delimiter": "",
-    "metric_list": [
-        {"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-        {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True},
-    ],
-}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -80,46 +42,11 @@ def merged(world, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def lm_tasks(world, tmp_path_factory: pytest.TempPathFactory) -> dict[str, TaskSpec]:
-    root = tmp_path_factory.mktemp("lm-eval")
-    words = [s.answer for s in load_splits(TaskSpec(name="r", data=str(world.split("reverse", "test"))))["test"]][:60]
-    assert all(words)
-    gsm = [{"question": f"rev {w[::-1]}=", "answer": f"Reversed, it reads {w}.\n#### {w}"} for w in words]
-    mmlu = []
-    for index, word in enumerate(words):
-        # Near misses (the input unreversed, two letters swapped, one letter more): the merge confuses some.
-        candidates = [word, word[::-1], word[1] + word[0] + word[2:], word + word[-1]]
-        gold = index % 4
-        choices = candidates[1:]
-        choices.insert(gold, candidates[0])
-        mmlu.append({"question": f"rev {word[::-1]}=", "choices": choices, "answer": gold})
-    (root / "gsm.yaml").write_text(yaml.safe_dump(GSM8K_FORMAT))
-    (root / "mmlu.yaml").write_text(yaml.safe_dump(MMLU_FORMAT))
-    common = {"kind": "lm_eval", "test_fraction": 0.1}
-    return {
-        "gsm": TaskSpec(
-            name="gsm",
-            data=_jsonl(root / "gsm.jsonl", gsm),
-            lm_eval_task=GSM8K_FORMAT["task"],
-            task_config=str(root / "gsm.yaml"),
-            **common,
-        ),
-        "mmlu": TaskSpec(
-            name="mmlu",
-            data=_jsonl(root / "mmlu.jsonl", mmlu),
-            lm_eval_task=MMLU_FORMAT["task"],
-            task_config=str(root / "mmlu.yaml"),
-            **common,
-        ),
-    }
-
-
 def _documents(task: TaskSpec) -> list:
     return parse_samples(read_local_text(task.data), kind="lm_eval", source=task.data)
 
 
-def _reference(model: Path, config: dict, documents: list) -> dict[str, float]:
+def _reference(model: Path, config: dict, documents: list, model_type: str = "hf", backend: str = ",dtype=float32"):
     """lm-eval's own numbers: its hf model on the same documents (in memory, as MergeSearch hands them)."""
     import datasets
     from lm_eval import simple_evaluate
@@ -129,7 +56,7 @@ def _reference(model: Path, config: dict, documents: list) -> dict[str, float]:
         {"test": datasets.Dataset.from_list([dict(d.doc) for d in documents])}
     )
     out = simple_evaluate(
-        model="hf", model_args=f"pretrained={model},dtype=float32", tasks=[config], device="cpu", batch_size=1
+        model=model_type, model_args=f"pretrained={model}{backend}", tasks=[config], device="cpu", batch_size=1
     )
     assert out is not None
     return out["results"][config["task"]]
@@ -151,6 +78,16 @@ def test_counts_equal_lm_evals_own_on_the_same_merged_model(merged, lm_tasks, na
             assert counts.evaluated == len(documents)
             assert counts.correct == round(reference[metric] * len(documents)), (metric, counts, reference)
     assert 0 < reference[metrics[0]] < 1  # the merge gets some right and some wrong: the counts can disagree
+
+
+def test_lm_eval_runs_mergesearch_backends_as_a_model_of_its_own(merged, lm_tasks):
+    """Registered with lm-eval as the model `mergesearch`: lm-eval's entry point, a MergeSearch backend."""
+    import mergesearch_trial_runner.evaluate.lm_eval_tasks  # noqa: F401 - registers the model
+
+    documents = _documents(lm_tasks["gsm"])
+    reference = _reference(merged, GSM8K_FORMAT, documents)
+    ours = _reference(merged, GSM8K_FORMAT, documents, model_type="mergesearch", backend=",backend=hf,device=cpu")
+    assert ours["exact_match,strict-match"] == reference["exact_match,strict-match"]
 
 
 def test_consecutive_ranges_add_up_to_one_evaluation(merged, lm_tasks):
@@ -177,8 +114,8 @@ def test_random_few_shot_examples_depend_on_the_document_not_on_its_range(tmp_pa
         name="gsm",
         kind="lm_eval",
         lm_eval_task="gsm8k",
-        data=_jsonl(tmp_path / "test.jsonl", train[:3]),
-        few_shot_data=_jsonl(tmp_path / "train.jsonl", train),
+        data=write_jsonl(tmp_path / "test.jsonl", train[:3]),
+        few_shot_data=write_jsonl(tmp_path / "train.jsonl", train),
     )
     contexts = []
     for order in ([0, 1, 2], [2, 1, 0]):
@@ -203,13 +140,13 @@ def test_a_builtin_task_runs_on_documents_from_a_file_never_a_hub(merged, tmp_pa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     rows = [{"question": f"rev {w}=", "answer": f"#### {w[::-1]}"} for w in ("abc", "hgf", "cab", "bed", "fad")]
     task = TaskSpec(
-        name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k", data=_jsonl(tmp_path / "t.jsonl", rows[:3]),
-        few_shot_data=_jsonl(tmp_path / "f.jsonl", rows[:4]),
+        name="gsm8k", kind="lm_eval", lm_eval_task="gsm8k", data=write_jsonl(tmp_path / "t.jsonl", rows[:3]),
+        few_shot_data=write_jsonl(tmp_path / "f.jsonl", rows[:4]),
     )  # fmt: skip
     with open_evaluator("hf", model=merged, settings={"device": "cpu"}) as evaluator:
         with pytest.raises(ValueError, match=r"f.jsonl: 4 documents, but task gsm8k puts 5 before every prompt"):
             evaluator.evaluate(task=task, samples=_documents(task))
-        task = task.model_copy(update={"few_shot_data": _jsonl(tmp_path / "f.jsonl", rows)})
+        task = task.model_copy(update={"few_shot_data": write_jsonl(tmp_path / "f.jsonl", rows)})
         counts = evaluator.evaluate(task=task, samples=_documents(task))
     assert counts.evaluated == 3
 
@@ -298,3 +235,49 @@ def test_a_trial_reads_the_task_from_s3_and_its_rungs_add_up(world, lm_tasks, s3
 
     rungs = [run(a, b) for a, b in ((0, 6), (6, 18), (18, 54))]
     assert tuple(map(sum, zip(*rungs, strict=True))) == run(0, 54)
+
+
+@pytest.mark.slow
+def test_smollm2_counts_equal_lm_evals_own(cache_dir: Path, tmp_path: Path):
+    """A real pretrained LLM: GSM8K-format arithmetic (lm-eval's gsm8k prompt and flexible-extract filter)
+    and MMLU-format multiple choice, zero-shot, float32 on both sides."""
+    from mergesearch_trial_runner.evaluate.registry import open_evaluator
+    from mergesearch_trial_runner.testbed.smollm2 import export_smollm2
+
+    model = export_smollm2(cache_dir / "smollm2-135m-instruct-bf16")
+    pairs = [(a, b) for a in (3, 12, 25, 7, 40, 9) for b in (4, 15, 8, 30)][:24]
+    gsm_config = {
+        **GSM8K_FORMAT,
+        "task": "smol_gsm8k_format",
+        "doc_to_text": "Question: {{question}}\nAnswer:",
+        "generation_kwargs": {"until": ["Question:", "\n\n"], "max_gen_toks": 16, "do_sample": False},
+        "filter_list": [
+            {
+                "name": "flexible-extract",
+                "filter": [
+                    {"function": "regex", "group_select": -1, "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                    {"function": "take_first"},
+                ],
+            }
+        ],
+    }
+    mmlu_config = {**MMLU_FORMAT, "task": "smol_mmlu_format", "doc_to_text": "Question: {{question}}\nAnswer:"}
+    mmlu_config["target_delimiter"] = " "
+    gsm = [{"question": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in pairs]
+    mmlu = [
+        {"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a + b + 1), str(a * b), str(abs(a - b))],
+         "answer": 0}
+        for a, b in pairs
+    ]  # fmt: skip
+    for config, rows, metric in ((gsm_config, gsm, "exact_match,flexible-extract"), (mmlu_config, mmlu, "acc,none")):
+        (tmp_path / "t.yaml").write_text(yaml.safe_dump(config))
+        task = TaskSpec(
+            name="t", kind="lm_eval", lm_eval_task=config["task"], task_config=str(tmp_path / "t.yaml"),
+            data=write_jsonl(tmp_path / "t.jsonl", rows), metric=metric,
+        )  # fmt: skip
+        documents = _documents(task)
+        reference = _reference(model, config, documents)
+        with open_evaluator("hf", model=model, settings={"device": "cpu", "dtype": "float32"}) as evaluator:
+            counts = evaluator.evaluate(task=task, samples=documents)
+        assert counts.correct == round(reference[metric] * len(documents)), (metric, counts, reference)
+        assert 0 < counts.correct < len(documents), (metric, counts)

@@ -37,10 +37,13 @@ def run_job(job: dict, tmp_path: Path, timeout: float = 300) -> subprocess.Compl
     )
 
 
-def evaluations(tasks, choice_task) -> dict[str, tuple]:
+def evaluations(tasks, choice_task, lm_tasks) -> dict[str, tuple]:
     """What both backends evaluate, by name: (task, start, end) of the search split."""
     reverse = tasks["reverse"]
     return {
+        # lm-eval's requests answered by vLLM: the same documents right as through hf.
+        "lm_eval generation": (lm_tasks["gsm"], 0, 54),
+        "lm_eval choice": (lm_tasks["mmlu"].model_copy(update={"metric": "acc_norm"}), 0, 54),
         "reverse": (reverse, 0, 100),
         "sort": (tasks["sort"], 0, 100),
         "shift": (tasks["shift"], 0, 100),
@@ -58,9 +61,9 @@ GENERATIONS = ["reverse", "sort", "shift", "reverse first half", "reverse second
 
 
 @pytest.fixture(scope="module")
-def both(world, tasks, choice_task, tmp_path_factory) -> dict[str, tuple[dict, list]]:
+def both(world, tasks, choice_task, lm_tasks, tmp_path_factory) -> dict[str, tuple[dict, list]]:
     """By evaluation name: (vllm's report entry with per-sample results, hf's per-sample results)."""
-    plan = evaluations(tasks, choice_task)
+    plan = evaluations(tasks, choice_task, lm_tasks)
     entries = [{"task": t.model_dump(), "start": a, "end": b, "details": True} for t, a, b in plan.values()]
     tmp = tmp_path_factory.mktemp("vllm")
     job = {"backend": "vllm", "model": str(world.model("reverse")), "settings": ENGINE, "evaluations": entries}

@@ -33,6 +33,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from importlib import metadata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -216,6 +217,21 @@ class EvaluatorLM(TemplateLM):
         super().__init__()
         self.evaluator = evaluator
         self.tokenizer = evaluator.prompts.tokenizer
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> EvaluatorLM:
+        """For lm-eval's own entry points once this module is imported, to reproduce a trial's numbers
+        with its backend: `simple_evaluate(model="mergesearch", model_args="pretrained=DIR,backend=vllm")`
+        (other arguments are the backend's settings, e.g. device=cpu)."""
+        from lm_eval.utils import simple_parse_args_string
+
+        from .registry import open_evaluator
+
+        args = simple_parse_args_string(arg_string)
+        model, backend = args.pop("pretrained", None), args.pop("backend", "hf")
+        if model is None:
+            raise ValueError("--model_args needs pretrained=DIR, the merged model's directory")
+        return cls(open_evaluator(str(backend), model=Path(str(model)), settings=args))
 
     @property
     def eot_token_id(self) -> int:
