@@ -281,3 +281,18 @@ def test_smollm2_counts_equal_lm_evals_own(cache_dir: Path, tmp_path: Path):
             counts = evaluator.evaluate(task=task, samples=documents)
         assert counts.correct == round(reference[metric] * len(documents)), (metric, counts, reference)
         assert 0 < counts.correct < len(documents), (metric, counts)
+
+
+def test_lm_evals_task_index_is_built_once_per_machine(tmp_path, monkeypatch):
+    """Building lm-eval's index of its built-in tasks takes seconds: a trial process reads it from disk."""
+    from mergesearch_trial_runner.evaluate import lm_eval_tasks
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    first = lm_eval_tasks._task_index()
+    assert first["gsm8k"].endswith("gsm8k.yaml") and len(list((tmp_path / "mergesearch").iterdir())) == 1
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("the index was built again")
+
+    monkeypatch.setattr(lm_eval_tasks, "TaskManager", no_index)
+    assert lm_eval_tasks._task_index() == first

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -38,11 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 import datasets
 import lm_eval.models  # noqa: F401 - lm-eval's own models first: it adds them only to an empty registry
+import numpy
+import torch
 import yaml
-from lm_eval import simple_evaluate
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.api.task import ConfigurableTask
+from lm_eval.evaluator import evaluate
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks._yaml_loader import load_yaml
 
@@ -61,14 +64,33 @@ SUPPORTED_OUTPUT_TYPES = ("generate_until", "multiple_choice")
 
 @functools.cache
 def builtin_config_path(name: str) -> str:
-    """The YAML of lm-eval's built-in task `name` (lm-eval's task index, built once per process)."""
-    entry = TaskManager().task_index.get(name)
-    if entry is None or not getattr(entry, "yaml_path", None):
+    """The YAML of lm-eval's built-in task `name`. lm-eval's task index takes seconds to build (it reads
+    every task YAML), so its name -> path map is kept on disk per lm-eval version, once per machine."""
+    entry = _task_index().get(name)
+    if entry is None:
         raise TaskModelError(
             f"lm_eval_task {name!r} is not a task of lm-eval {metadata.version('lm_eval')}; name one that "
             "`lm_eval ls tasks` lists, or give its YAML as task_config"
         )
-    return str(entry.yaml_path)
+    return entry
+
+
+def _task_index() -> dict[str, str]:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mergesearch"
+    path = cache / f"lm-eval-{metadata.version('lm_eval')}-task-index.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        pass
+    index = {name: str(e.yaml_path) for name, e in TaskManager().task_index.items() if getattr(e, "yaml_path", None)}
+    try:  # a read-only home (some pods) only costs the next process the index again
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(index))
+        partial.replace(path)
+    except OSError:
+        pass
+    return index
 
 
 def task_config(task: TaskSpec, read: Callable[[str], str]) -> dict[str, Any]:
@@ -174,17 +196,16 @@ def score_documents(
     lm_task = ConfigurableTask(config=config)
     _per_document_few_shot(lm_task)
     metric, filter_name = metric_key(task, config)
-    output = simple_evaluate(
-        model=EvaluatorLM(evaluator),
-        tasks=[lm_task],
-        log_samples=True,
-        random_seed=RANDOM_SEED,
-        numpy_random_seed=OTHER_SEED,
-        torch_random_seed=OTHER_SEED,
-        fewshot_random_seed=OTHER_SEED,
-        bootstrap_iters=0,
-        task_manager=TaskManager(include_defaults=False),  # the task is built here; indexing lm-eval's takes seconds
-    )
+    # What lm-eval's `simple_evaluate` does around `evaluate`, without its environment report (it runs
+    # `pip list` and friends: 0.3 s of every call).
+    random.seed(RANDOM_SEED)
+    numpy.random.seed(OTHER_SEED)
+    torch.manual_seed(OTHER_SEED)
+    loaded = TaskManager(include_defaults=False).load([lm_task])  # indexing lm-eval's own tasks takes seconds
+    if lm_task.get_config("num_fewshot") is None:
+        lm_task.set_config(key="num_fewshot", value=0)
+    lm_task.set_fewshot_seed(seed=OTHER_SEED)
+    output = evaluate(lm=EvaluatorLM(evaluator), task_dict=loaded, log_samples=True, bootstrap_iters=0)
     assert output is not None
     logged = [e for e in output["samples"][task.lm_eval_task] if e.get("filter", "none") == filter_name]
     if len(logged) != len(documents) or (logged and metric not in logged[0]):
