@@ -408,3 +408,13 @@ def test_limits_are_checked() -> None:
         SandboxLimits(wall_seconds=0)
     with pytest.raises(ValueError, match="parallel"):
         SandboxLimits(parallel=0)
+
+
+def test_the_caller_is_not_dumpable_after_running_programs():
+    """A program of the caller's own uid (a pod without namespaces) cannot read the caller's /proc files:
+    its environment holds the trial's S3 credentials."""
+    import ctypes
+
+    run_programs(["pass"], SandboxLimits(wall_seconds=10))
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE
+    assert "TracerPid" in Path("/proc/self/status").read_text()  # the process still reads its own

@@ -62,6 +62,7 @@ the kernel with the caller, and the guard can be undone from inside.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import json
 import os
@@ -93,6 +94,8 @@ DETAIL_CHARS = 500
 # After the program exits, how long to wait for the rest of its output before closing the pipes anyway
 # (its group is dead by then; only a process that left the group could still hold them).
 DRAIN_SECONDS = 0.5
+PR_SET_DUMPABLE = 4  # prctl(2)
+
 # The only environment a program sees, besides HOME and TMPDIR (its private directory).
 BASE_ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
@@ -152,9 +155,18 @@ def run_programs(programs: Sequence[str], limits: SandboxLimits = SandboxLimits(
     """
     if not programs:
         return []
+    _hide_this_process()
     fence = _filesystem_fence()
     with ThreadPoolExecutor(max_workers=min(limits.parallel, len(programs)), thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda source: _run_one(source, limits, fence), programs))
+
+
+def _hide_this_process() -> None:
+    """Make the caller non-dumpable: its /proc files (environ, with a pod's S3 credentials; mem) then
+    belong to root, so a program running as the same uid (a pod with `runAsNonRoot` and no namespaces)
+    cannot read them or attach to it. Programs are exec'd, which makes each dumpable again: its own."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
 
 
 def _run_one(source: str, limits: SandboxLimits, fence: tuple[list[str], list[str]]) -> ProgramResult:
