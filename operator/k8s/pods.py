@@ -20,6 +20,7 @@ from ..executors.worker import PORT as WORKER_PORT
 from ..executors.worker import TOKEN_ENV
 from ..podtemplate import (
     CACHE_DIR,
+    CACHE_HOME_ENV,
     CACHE_VOLUME,
     POD_IP_ENV,
     S3_ENV,
@@ -154,7 +155,7 @@ def _pod(
                 "terminationMessagePath": TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
-                "env": [var.to_k8s() for var in trial.env],
+                "env": [{"name": CACHE_HOME_ENV, "value": CACHE_DIR}, *(var.to_k8s() for var in trial.env)],
                 "volumeMounts": [
                     {"name": CACHE_VOLUME, "mountPath": CACHE_DIR},
                     {"name": SCRATCH_VOLUME, "mountPath": SCRATCH_DIR},
