@@ -8,7 +8,7 @@ user gets from `lm_eval` on the same model. What MergeSearch changes, and why:
 - Documents never come from a hub. The task's documents are the objective's `data` (JSONL, one document
   per line, in the task's own columns), split and ranged as any objective's samples are; few-shot
   documents come from `few_shot_data`. Both are handed to lm-eval in memory (`custom_dataset`).
-- A task is lm-eval's built-in (found through lm-eval's task index, once per process) or the YAML at
+- A task is lm-eval's built-in (found through lm-eval's task index, kept on disk per machine) or the YAML at
   `task_config`. A YAML of the user's is read with `yaml.safe_load`: it may not name Python functions
   (`!function`), since trials run no code from task files; `include` is not followed.
 - Few-shot examples drawn at random are drawn per document (seeded by the document's content), so a
