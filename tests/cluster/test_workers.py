@@ -17,6 +17,7 @@ from mergesearch_operator.k8s.executor import PodView
 from mergesearch_operator.k8s.pods import LABEL_ROLE, LABEL_SEARCH, worker_pod
 from mergesearch_operator.k8s.settings import OperatorSettings
 from mergesearch_operator.k8s.workers import WorkerPodExecutor
+from mergesearch_operator.podtemplate import CACHE_DIR, CACHE_HOME_ENV
 from mergesearch_operator.search.study import defining, effective_spec
 from mergesearch_operator.spec import Trial, parse_manifest
 from mergesearch_trial_runner.spec import TrialSpec
@@ -48,7 +49,9 @@ def test_the_worker_pod():
     env = {v["name"]: v for v in container["env"]}
     assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
     assert env[TOKEN_ENV]["valueFrom"]["secretKeyRef"] == {"name": "s-worker-token", "key": "token"}
-    assert not any("value" in v for v in container["env"])  # every value comes from a reference
+    # Every value comes from a reference, but the node cache's path, which is no secret.
+    assert [v["name"] for v in container["env"] if "value" in v] == [CACHE_HOME_ENV]
+    assert env[CACHE_HOME_ENV]["value"] == CACHE_DIR
     assert container["ports"] == [{"name": "runs", "containerPort": 8080}]
 
 
