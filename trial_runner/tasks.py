@@ -106,8 +106,11 @@ class TaskSpec(BaseModel):
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> TaskSpec:
-        lm_eval_only = {"lm_eval_task": self.lm_eval_task, "task_config": self.task_config}
-        lm_eval_only["few_shot_data"] = self.few_shot_data
+        lm_eval_only = {
+            "lm_eval_task": self.lm_eval_task,
+            "task_config": self.task_config,
+            "few_shot_data": self.few_shot_data,
+        }
         if self.kind == "lm_eval":
             if self.lm_eval_task is None:
                 raise ValueError("kind lm_eval needs lm_eval_task, the lm-evaluation-harness task to run (e.g. gsm8k)")

@@ -41,12 +41,13 @@ ModelSource = Path | str | InMemoryModel  # a Hugging Face model directory, or a
 
 def run_tests(task: TaskSpec, samples: Sequence[Sample], programs: Sequence[str]) -> list[bool]:
     """Whether each program passes its sample's tests in the sandbox (a code task's pass@1)."""
+    from ..cores import cpu_quota_cores
     from .sandbox import SandboxLimits, run_programs
 
     limits = SandboxLimits(
         wall_seconds=task.program_timeout_seconds,
         cpu_seconds=max(1.0, task.program_timeout_seconds / 2),
-        parallel=max(1, min(8, os.cpu_count() or 1)),
+        parallel=min(8, cpu_quota_cores() or os.cpu_count() or 1),  # the pod's cores, not the node's
     )
     sources = [
         (sample.prompt if task.prompt_in_program else "") + program + "\n\n" + (sample.tests or "")
