@@ -92,7 +92,7 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     """Run one trial in this process. The evaluator is closed before this returns, unless `keep_open` is
     given: then it is left to that stack (a trial process reports first and never closes it)."""
     from .evaluate.base import InMemoryModel
-    from .evaluate.engine_host import HostAddress, HostedEvaluator
+    from .evaluate.engine_host import HostAddress, HostedEvaluator, PlannedMerge
     from .evaluate.registry import open_evaluator, validate_settings
     from .evaluate.settings import VLLMSettings
     from .merge.engine import merge_to_directory, merge_to_state_dict
@@ -118,21 +118,26 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
 
     device = _device(spec.device)
     merged_dir = Path(spec.scratch_dir) / "merged"
-    if spec.backend == "hf" and spec.output_uri is None:
+    # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`), which
+    # computes the merge itself, into its engine, unless the merge must be written for the upload.
+    host = HostAddress.from_environment() if isinstance(settings, VLLMSettings) and settings.keep_engine else None
+    if host is not None and settings.merge_in_place and spec.output_uri is None:
+        model: Path | InMemoryModel | PlannedMerge = PlannedMerge(spec.plan, model_dirs, device, merged_dir)
+    elif spec.backend == "hf" and spec.output_uri is None:
         model: Path | InMemoryModel = InMemoryModel(
             *merge_to_state_dict(spec.plan, model_dirs=model_dirs, device=device)
         )
     else:
         merge_to_directory(spec.plan, merged_dir, model_dirs=model_dirs, device=device)
         model = merged_dir
-    mark = lap("merge", mark)
+    if not isinstance(model, PlannedMerge):  # else the merge is timed as part of the load
+        mark = lap("merge", mark)
 
     counts: dict[str, Counts] = {}
     generated = 0
-    # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`).
-    host = HostAddress.from_environment() if isinstance(settings, VLLMSettings) and settings.keep_engine else None
     with contextlib.ExitStack() as closes_here:
         if host is None:
+            assert not isinstance(model, PlannedMerge)
             evaluator = (keep_open or closes_here).enter_context(
                 open_evaluator(spec.backend, model=model, settings=settings)
             )

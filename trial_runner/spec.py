@@ -64,7 +64,11 @@ class TrialResult(BaseModel):
     message: str = ""
     tasks: dict[str, Counts] = Field(default_factory=dict)
     ranges: dict[str, tuple[int, int]] = Field(default_factory=dict)
-    timings: dict[str, float] = Field(default_factory=dict, description="seconds: fetch, merge, load, evaluate, total")
+    timings: dict[str, float] = Field(
+        default_factory=dict,
+        description="seconds: fetch, merge, load, evaluate, total (merge is part of load when "
+        "the engine host merges in place)",
+    )
     generated_tokens: int = 0
 
     def compact_json(self) -> str:

@@ -9,7 +9,11 @@ import torch
 
 from mergesearch_trial_runner.merge.engine import chunk_seed, merge_tensors
 from mergesearch_trial_runner.merge.methods import KERNELS
-from mergesearch_trial_runner.merge.methods.selection import PARTITION_BELOW, kth_largest_magnitudes
+from mergesearch_trial_runner.merge.methods.selection import (
+    PARTITION_BELOW,
+    RankedMagnitudes,
+    kth_largest_magnitudes,
+)
 from mergesearch_trial_runner.plan.methods import METHODS
 
 
@@ -193,6 +197,23 @@ def test_kth_largest_magnitude_equals_a_full_sort(numel, chunk_elements):
     found = kth_largest_magnitudes(passes, ranks * len(values))
     expected = [float(v.sort(descending=True).values[rank - 1]) for v in values for rank in ranks]
     assert found == expected
+
+
+def test_sorted_magnitudes_give_every_rank_the_selection_gives():
+    """A resident worker's lookup (`RankedMagnitudes`) against the streaming selection, at every kind of
+    rank, on values with ties, zeros, magnitudes across many exponents, and infinity."""
+    generator = torch.Generator().manual_seed(5)
+    numel = PARTITION_BELOW * 3
+    values = [
+        torch.randn(numel, generator=generator).abs() * 10.0 ** torch.randint(-30, 30, (numel,), generator=generator),
+        torch.randint(0, 7, (numel,), generator=generator).float() / 4,
+        torch.cat([torch.full((10,), math.inf), torch.zeros(numel - 10)]),
+    ]
+    ranks = [1, 2, 11, numel // 3, numel // 2 + 1, numel - 1, numel]
+    for v in values:
+        index = RankedMagnitudes(v)
+        expected = kth_largest_magnitudes(lambda v=v: iter([[v] * len(ranks)]), ranks)
+        assert [index.kth_largest(rank) for rank in ranks] == expected
 
 
 def reference_ties(base, sources, weights, density):

@@ -105,17 +105,19 @@ def test_runs_share_one_engine_and_score_as_hf(world, tmp_path: Path, executor: 
     assert outcomes[0] != outcomes[1], "the two experts score alike: this test could not see stale weights"
 
     log = executor.engine_host_log.read_text()
-    loads = re.findall(r"engine host: (started an engine for|loaded weights in place from) \S+/(run\d)/", log)
+    loads = re.findall(r"engine host: (started an engine for|merged in place for) \S+/(run\d)/", log)
     assert loads == [
         ("started an engine for", "run0"),
-        ("loaded weights in place from", "run1"),  # same shape: the engine is kept
+        ("merged in place for", "run1"),  # same shape: the engine is kept, the merge computed into it
         ("started an engine for", "run2"),  # three layers: another engine
         ("started an engine for", "run3"),  # and back
     ]
+    assert "experts in cpu (the experts need" in log
     assert len(host_pids(executor)) == 1
     assert "/own/" not in log  # an engine of its own, in the run's process
     assert "engine host" not in (executor.runs_dir / "own" / "log").read_text()
-    assert "engine host: loaded weights in place" in (executor.runs_dir / "run1" / "log").read_text()
+    assert "engine host: merged in place (experts in cpu" in (executor.runs_dir / "run1" / "log").read_text()
+    assert not (Path(specs[1].scratch_dir) / "merged").exists()  # no checkpoint written
 
 
 def test_a_dead_host_is_replaced_for_the_run_waiting(world, tmp_path: Path, executor: LocalExecutor) -> None:
@@ -128,10 +130,10 @@ def test_a_dead_host_is_replaced_for_the_run_waiting(world, tmp_path: Path, exec
     os.kill(host, signal.SIGSTOP)
     waiting = expert_spec(world, tmp_path, "waiting", "sort")
     executor.start(waiting)
-    merged = executor.runs_dir / "waiting" / "scratch" / "merged" / "config.json"
+    log = executor.runs_dir / "waiting" / "log"
     deadline = time.monotonic() + 120
-    while not merged.exists():
-        assert time.monotonic() < deadline, "the run never merged"
+    while not (log.exists() and "waiting for a host" in log.read_text()):
+        assert time.monotonic() < deadline, "the run never asked for a host"
         time.sleep(0.05)
     time.sleep(1.0)
     os.kill(host, signal.SIGKILL)

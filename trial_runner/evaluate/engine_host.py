@@ -4,11 +4,14 @@ Starting an engine (building the model, allocating the KV cache, reading the wei
 13.6 s vLLM trial at the lowest fidelity; loading a merge into a running engine takes 0.4 s
 (bench/trial_breakdown.py, SmolLM2-135M on 2 cores). A fork server that runs `vllm`
 trials (a local search, a reused trial pod) therefore forks engine hosts beside its runs, one per run it
-may run at once. A trial merges into its scratch directory as before, then hands that directory to a
-host, which loads the weights into the engine it already runs, in place (`VLLMEvaluator.load_weights`).
-A host starts an engine again only when the model is not one its engine can take: another
+may run at once. A trial hands the host its merge plan and the experts' directories in the node cache;
+the host computes the merge in the engine's process from experts it keeps resident there, straight into
+the engine's weights (`VLLMEvaluator.load_merge`, `merge.resident`): no checkpoint is written or read.
+A host starts an engine again only when the merge is not one its engine can take: another
 `engine_identity` (a depth-wise merge with another number of layers, other tokenizer files, other
-settings) or another thread count.
+settings) or another thread count. Then it writes the merge to the trial's scratch directory and starts
+the engine on it. With `merge_in_place` off (or an uploaded output, which needs the files anyway) the
+trial writes the merge itself and the host loads it from there (`VLLMEvaluator.load_weights`).
 
 A trial keeps everything that decides a score (prompts, token budgets, stop handling, extraction):
 its `HostedEvaluator` is a backend whose two primitives (greedy generation and continuation
@@ -28,13 +31,14 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import classify
+from ..plan.ir import MergePlan
 from .base import Evaluator, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
 from .settings import VLLMSettings
@@ -68,6 +72,35 @@ class HostAddress:
 
     def environment(self) -> dict[str, str]:
         return {SOCKET_ENV: self.socket, KEY_ENV: self.key.hex()}
+
+
+@dataclass(frozen=True)
+class PlannedMerge:
+    """A merge for the host to compute itself (see the module's doc): the plan, each model's directory in
+    the node cache, the torch device the merge computes on (the trial's), and where to write it when an
+    engine must be started on it."""
+
+    plan: MergePlan
+    model_dirs: Mapping[str, Path]
+    device: str
+    directory: Path
+
+    def request(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.model_dump_json(),
+            "models": {name: str(path.resolve()) for name, path in self.model_dirs.items()},
+            "device": self.device,
+            "directory": str(self.directory.resolve()),
+        }
+
+    @classmethod
+    def from_request(cls, request: Mapping[str, Any]) -> PlannedMerge:
+        return cls(
+            MergePlan.model_validate_json(request["plan"]),
+            {name: Path(path) for name, path in request["models"].items()},
+            request["device"],
+            Path(request["directory"]),
+        )
 
 
 class EngineHostLost(RuntimeError):
@@ -123,7 +156,10 @@ class EngineHost:
         op = request["op"]
         if op == "load":
             settings = VLLMSettings.model_validate(request["settings"])
-            return self._load(Path(request["model"]), settings, threads=int(request["threads"]))
+            threads = int(request["threads"])
+            if "plan" in request:
+                return self._load_merge(PlannedMerge.from_request(request), settings, threads=threads)
+            return self._load(Path(request["model"]), settings, threads=threads)
         if self.engine is None:
             raise RuntimeError(f"{op} before load: the engine host has no model loaded")
         # The host runs the vllm backend's own primitives (a friend of `VLLMEvaluator`).
@@ -135,11 +171,39 @@ class EngineHost:
             return {"scores": self.engine._loglikelihoods(requests_)}
         raise ValueError(f"unknown engine host request {op!r}")
 
-    def _load(self, model: Path, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
-        from .vllm_backend import VLLMEvaluator, engine_identity, model_directory
+    def _load_merge(self, merge: PlannedMerge, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
+        from ..merge.engine import merge_to_directory, open_checkpoints
+        from ..plan.tensors import plan_tensors
+        from .vllm_backend import engine_identity
 
         started = time.perf_counter()
-        wanted = (engine_identity(model_directory(model), settings), threads)
+        checkpoints = open_checkpoints(merge.plan, merge.model_dirs)
+        lowered = plan_tensors(merge.plan, checkpoints)
+        identity = engine_identity(lowered.config, checkpoints[lowered.config_model].path, settings)
+        fits = self.engine is not None and self.built_for == (identity, threads)
+        if fits and self.engine is not None and self.engine.can_merge_in_place:
+            limit = None if settings.resident_gib is None else int(settings.resident_gib * (1 << 30))
+            report = self.engine.load_merge(merge.plan, merge.model_dirs, device=merge.device, limit_bytes=limit)
+            seconds = time.perf_counter() - started
+            print(
+                f"engine host: merged in place for {merge.directory} in {seconds:.2f} s; experts in "
+                f"{report['where']} ({report['reason']})",
+                flush=True,
+            )
+            context_len = self.engine.prompts.context_len
+            return {"reused": True, "in_place": report, "seconds": seconds, "context_len": context_len}
+        # Through a written checkpoint, as a trial without a host: an engine of another identity starts on it.
+        if not fits:
+            self._drop_engine()  # its memory is free before the merge is written
+            self._set_torch_threads(threads)  # the merge's threads: the trial's
+        merge_to_directory(merge.plan, merge.directory, model_dirs=merge.model_dirs, device=merge.device)
+        return self._load(merge.directory, settings, threads=threads)
+
+    def _load(self, model: Path, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
+        from .vllm_backend import VLLMEvaluator, directory_identity, model_directory
+
+        started = time.perf_counter()
+        wanted = (directory_identity(model_directory(model), settings), threads)
         if self.engine is not None and self.built_for == wanted:
             self.engine.load_weights(model)
             reused = True
@@ -171,18 +235,27 @@ class HostedEvaluator(Evaluator):
     def preload(cls) -> None:
         """Nothing beyond transformers (its tokenizer), which every trial process imports."""
 
-    def __init__(self, *, address: HostAddress, model: ModelSource, settings: VLLMSettings) -> None:
+    def __init__(self, *, address: HostAddress, model: ModelSource | PlannedMerge, settings: VLLMSettings) -> None:
         import torch
         from transformers import AutoTokenizer
 
         from .vllm_backend import model_directory
 
-        path = model_directory(model).resolve()
+        if isinstance(model, PlannedMerge):  # the tokenizer and generation files a merge carries: its config model's
+            path, what = model.model_dirs[model.plan.config_model].resolve(), model.request()
+        else:
+            path = model_directory(model).resolve()
+            what = {"model": str(path)}
+        print("engine host: waiting for a host", file=sys.stderr, flush=True)
         self._connection = Client(address.socket, family="AF_UNIX", authkey=address.key)
         # The trial's threads (its share of the cores) are the engine's, as in the trial's own process.
         threads = torch.get_num_threads()
-        loaded = self._call("load", model=str(path), settings=settings.model_dump(mode="json"), threads=threads)
-        done = "loaded weights in place" if loaded["reused"] else "started an engine"
+        loaded = self._call("load", **what, settings=settings.model_dump(mode="json"), threads=threads)
+        if loaded.get("in_place"):
+            where = loaded["in_place"]
+            done = f"merged in place (experts in {where['where']}: {where['reason']})"
+        else:
+            done = "loaded weights in place" if loaded["reused"] else "started an engine"
         print(f"engine host: {done} in {loaded['seconds']:.2f} s", file=sys.stderr, flush=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
         super().__init__(prompts=PromptBuilder(tokenizer, loaded["context_len"], stop_token_ids(tokenizer, path)))

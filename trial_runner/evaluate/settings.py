@@ -58,6 +58,13 @@ Both devices: one engine for many trials (`keep_engine`, on by default). The tri
 shape or tokenizer. Off, every trial starts its own engine (what a pod per trial always does). The
 switch is there for models whose in-place reload vLLM does not support.
 
+Both devices: merges straight into the kept engine (`merge_in_place`, on by default). The engine's
+process keeps the base and the experts resident (`merge.resident`: GPU memory where they fit beside the
+engine, else host memory, else read from the node cache each trial; `resident_gib` caps them) and each
+trial's merge is computed there, tensor by tensor, into the engine's weights (`VLLMEvaluator.load_merge`):
+no checkpoint is written or read. Off, a trial writes its merge to scratch and the engine reloads it from
+there. An engine of `tensor_parallel_size` > 1 always loads from a written checkpoint.
+
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
 dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
 backend by ~1e-2 in log-probabilities, enough to flip greedy tokens): `resolve` passes the checkpoint's
@@ -104,6 +111,10 @@ class HFSettings(BaseModel):
     attn_implementation: str = Field(default="sdpa", description="transformers attention kernel")
 
 
+# Settings of how trials use an engine, not of the engine itself: never passed to vllm.LLM.
+TRIAL_SIDE = ("keep_engine", "merge_in_place", "resident_gib")
+
+
 class VLLMSettings(BaseModel):
     """An offline `vllm.LLM` engine. Fields left unset take the device's default (`CPU_DEFAULTS`, `GPU_DEFAULTS`)."""
 
@@ -137,6 +148,17 @@ class VLLMSettings(BaseModel):
         description="the trials of one local search or reused trial pod share one engine, which loads each merge in "
         "place; false: every trial starts an engine of its own",
     )
+    merge_in_place: bool = Field(
+        default=True,
+        description="with keep_engine: each trial's merge is computed in the engine's process from experts kept "
+        "resident, and goes into the engine's weights without a checkpoint; false: written to scratch and reloaded",
+    )
+    resident_gib: float | None = Field(
+        default=None,
+        ge=0,
+        description="most memory the resident experts may take (GiB); default: what the GPU or host has free, less "
+        "a margin; 0: read them from the node cache every trial",
+    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM argument, passed through (checked when the engine starts)"
     )
@@ -145,7 +167,8 @@ class VLLMSettings(BaseModel):
     def _no_duplicates(self) -> VLLMSettings:
         if self.kv_cache_gib is not None and self.kv_cache_tokens is not None:
             raise ValueError("set kv_cache_gib or kv_cache_tokens, not both: they size the same KV cache")
-        ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process", "keep_engine"}
+        ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process"}
+        ours |= {"keep_engine", "merge_in_place", "resident_gib"}
         typed = set(type(self).model_fields) - ours
         derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_*, in_process
         clash = sorted((set(self.engine_args) & typed) | (derived & set(self.engine_args)))
@@ -162,7 +185,7 @@ class VLLMSettings(BaseModel):
 
     def resolve(self, device: Device, model_config: Mapping[str, Any]) -> EngineLaunch:
         """The `vllm.LLM` keyword arguments and environment for `device` and the model's config.json."""
-        values = self.model_dump(exclude={"engine_args", "keep_engine"}, exclude_none=True)
+        values = self.model_dump(exclude={"engine_args", *TRIAL_SIDE}, exclude_none=True)
         if values["dtype"] == "auto":
             values["dtype"] = checkpoint_dtype(model_config)
         defaults = CPU_DEFAULTS if device == "cpu" else GPU_DEFAULTS

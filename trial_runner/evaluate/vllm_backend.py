@@ -26,11 +26,17 @@ import gc
 import hashlib
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import CARRIED_FILES
+from ..merge.engine import merged_tensors, open_checkpoints
+from ..merge.io import TensorReader
+from ..merge.resident import ResidentModels
+from ..plan.ir import MergePlan
 from .base import Evaluator, InMemoryModel, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
 from .settings import Device, EngineLaunch, VLLMSettings
@@ -73,15 +79,53 @@ def model_directory(model: ModelSource) -> Path:
     return path
 
 
-def engine_identity(model: Path, settings: VLLMSettings) -> str:
-    """What an engine is built for, as a digest: the settings, config.json and the tokenizer's and
-    generation files. Two models of one identity differ in their weights only, which an engine can load
-    in place (`VLLMEvaluator.load_weights`)."""
+def engine_identity(config: Mapping[str, Any], files: Path, settings: VLLMSettings) -> str:
+    """What an engine is built for, as a digest: the settings, the model's config and the tokenizer's and
+    generation files in `files`. Two models of one identity differ in their weights only, which an engine
+    can load in place (`load_weights`, `load_merge`)."""
     digest = hashlib.sha256(settings.model_dump_json().encode())
-    for name in ("config.json", *CARRIED_FILES):
-        if (model / name).is_file():
-            digest.update(name.encode() + b"\0" + (model / name).read_bytes() + b"\0")
+    digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode() + b"\0")
+    for name in CARRIED_FILES:
+        if (files / name).is_file():
+            digest.update(name.encode() + b"\0" + (files / name).read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def directory_identity(model: Path, settings: VLLMSettings) -> str:
+    """`engine_identity` of a model directory."""
+    return engine_identity(json.loads((model / "config.json").read_text()), model, settings)
+
+
+# The experts the merges of this process read (`load_merge`). It lives in the process that owns the
+# model: the engine host's own (in_process) or vLLM's worker process, which imports this module to run
+# `_merge_into_model`; there it outlives each call, and the engine.
+_RESIDENT = ResidentModels()
+
+
+def _merge_into_model(
+    worker: Any, *, plan: str, model_dirs: dict[str, str], device: str, limit_bytes: int | None
+) -> dict[str, Any]:
+    """Run by vLLM in its worker (`collective_rpc`): merge `plan` from the resident experts (or the files,
+    when they do not fit) and load each merged tensor into the model as it is computed."""
+    import torch
+
+    started = time.perf_counter()
+    merge_plan = MergePlan.model_validate_json(plan)
+    checkpoints = open_checkpoints(merge_plan, model_dirs)
+    compute = torch.device(device)
+    placement = _RESIDENT.make_resident(checkpoints, device=compute, limit_bytes=limit_bytes)
+    resident_seconds = time.perf_counter() - started
+    with TensorReader() as reader:
+        source = reader if placement.where == "files" else _RESIDENT
+        # vLLM's in-place reload from an iterator: the model's own load_weights (fused projections,
+        # tied embeddings) and then its post-load processing for the device's kernels, as from files.
+        worker.reload_weights(weights_iterator=merged_tensors(merge_plan, checkpoints, source, device=compute))
+    return {
+        "where": placement.where,
+        "reason": placement.reason,
+        "resident_seconds": round(resident_seconds, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
 
 
 def check_engine_args(engine_args: Mapping[str, object]) -> None:
@@ -195,6 +239,30 @@ class VLLMEvaluator(Evaluator):
         prefix cache, whose keys and values were computed with the old weights."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model)})
         self.llm.reset_prefix_cache()
+
+    @property
+    def can_merge_in_place(self) -> bool:
+        """Whether `load_merge` can run: one worker holds the whole model (with tensor parallelism each
+        worker would compute, and hold, every expert in full)."""
+        return int(self.launch.engine_args.get("tensor_parallel_size", 1)) == 1
+
+    def load_merge(
+        self, plan: MergePlan, model_dirs: Mapping[str, Path], *, device: str, limit_bytes: int | None
+    ) -> dict[str, Any]:
+        """Compute `plan`'s merge in the engine's worker, from experts it keeps resident, straight into the
+        engine's weights (no checkpoint written or read); the merge must have this engine's
+        `engine_identity`. Returns where the experts are held and why, and the seconds it took."""
+        if not self.can_merge_in_place:
+            raise ValueError("an in-place merge needs tensor_parallel_size 1; load a written checkpoint instead")
+        kwargs = {
+            "plan": plan.model_dump_json(),
+            "model_dirs": {name: str(path) for name, path in model_dirs.items()},
+            "device": device,
+            "limit_bytes": limit_bytes,
+        }
+        [report] = self.llm.collective_rpc(_merge_into_model, kwargs=kwargs)
+        self.llm.reset_prefix_cache()
+        return report
 
     def _release(self) -> None:
         engine = getattr(self.llm, "llm_engine", None)

@@ -5,6 +5,10 @@ Memory stays at a few chunks whatever the model size. Each output tensor is stre
 files), upcast to float32, merged and cast to the output dtype, then written before the next chunk is
 read. Methods that need a whole-tensor statistic first (TIES's trim threshold, SLERP's angle) get extra
 passes over the chunks. Layers a plan copies unchanged (DIS passthrough) skip arithmetic and move bytes.
+
+The inputs come from a `TensorSource`: the checkpoint files (`TensorReader`), or tensors a worker keeps
+resident in memory (`merge.resident`). `merged_tensors` yields each output whole, one at a time, for an
+engine that loads weights from an iterator; whatever the source, the bytes are the same.
 """
 
 from __future__ import annotations
@@ -17,15 +21,16 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from ..checkpoint import CARRIED_FILES, DTYPE_SIZES, Checkpoint
+from ..checkpoint import CARRIED_FILES, DTYPE_SIZES, Checkpoint, TensorInfo
 from ..plan.ir import MergePlan, Scalar
-from ..plan.tensors import TensorOp, plan_tensors
+from ..plan.tensors import TensorInput, TensorOp, plan_tensors
 from .io import TORCH_DTYPES, OutputTensor, StreamingCheckpointWriter, TensorReader
-from .methods import KERNELS, Chunk, Params
+from .methods import KERNELS, Chunk, MagnitudeIndex, Params
+from .methods.selection import RankedMagnitudes
 
 PLAN_FILE = "mergesearch_plan.json"
 # 4 MiB of float32 per input: large enough that per-chunk overhead vanishes, small enough that a
@@ -34,6 +39,16 @@ PLAN_FILE = "mergesearch_plan.json"
 CHUNK_ELEMENTS = 1 << 20
 
 ReadChunk = Callable[[int, int], Chunk]  # (start, end) element range -> the inputs' float32 values there
+
+
+class TensorSource(Protocol):
+    """Where the engine reads its inputs: elements `[start, end)` of a flattened checkpoint tensor, in its
+    own dtype (`TensorReader` from the files; `ResidentModels` from memory), and, where it keeps them, a
+    task vector's magnitudes sorted (`source` - `base`), which spare TIES its selection passes."""
+
+    def read(self, info: TensorInfo, start: int = 0, end: int | None = None) -> torch.Tensor: ...
+
+    def ranked_magnitudes(self, source: TensorInfo, base: TensorInfo) -> RankedMagnitudes | None: ...
 
 
 @dataclass(frozen=True)
@@ -58,8 +73,10 @@ def merge_stream(
     seed: int,
     device: torch.device,
     chunk_elements: int = CHUNK_ELEMENTS,
+    ranked: MagnitudeIndex | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The merged tensor as float32 flat chunks, in order; `read(start, end)` supplies the inputs."""
+    """The merged tensor as float32 flat chunks, in order; `read(start, end)` supplies the inputs (and
+    `ranked`, where given, their task vectors' sorted magnitudes)."""
     kernel = KERNELS[method]
     bounds = [(start, min(start + chunk_elements, numel)) for start in range(0, numel, chunk_elements)]
 
@@ -73,7 +90,7 @@ def merge_stream(
         for start, end in bounds:
             yield reread(start, end)
 
-    statistics = kernel.statistics(passes, params, numel)
+    statistics = kernel.statistics(passes, params, numel, ranked=ranked)
     for index, (start, end) in enumerate(bounds):
         generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, index))
         yield kernel.merge(reread(start, end), params, statistics, generator)
@@ -120,8 +137,8 @@ def open_checkpoints(plan: MergePlan, model_dirs: Mapping[str, Path | str]) -> d
 class _Executor:
     """Runs tensor ops against opened checkpoints, yielding each output as chunks of its output dtype."""
 
-    def __init__(self, checkpoints: Mapping[str, Checkpoint], reader: TensorReader, device: torch.device):
-        self.checkpoints, self.reader, self.device = checkpoints, reader, device
+    def __init__(self, checkpoints: Mapping[str, Checkpoint], source: TensorSource, device: torch.device):
+        self.checkpoints, self.source, self.device = checkpoints, source, device
 
     def is_raw_copy(self, op: TensorOp) -> bool:
         if op.method != "passthrough" or op.scale * float(op.per_source[0]["scale"]) != 1.0:
@@ -129,20 +146,34 @@ class _Executor:
         source = op.sources[0]
         return self.checkpoints[source.model].tensors[source.tensor].dtype == op.dtype
 
-    def raw_chunks(self, op: TensorOp) -> Iterator[memoryview]:
+    def raw_chunks(self, op: TensorOp, reader: TensorReader) -> Iterator[memoryview]:
         info = self.checkpoints[op.sources[0].model].tensors[op.sources[0].tensor]
         step = CHUNK_ELEMENTS * DTYPE_SIZES[info.dtype]
         for start in range(0, info.nbytes, step):
-            yield self.reader.read_bytes(info, start, min(start + step, info.nbytes))
+            yield reader.read_bytes(info, start, min(start + step, info.nbytes))
+
+    def whole(self, op: TensorOp) -> torch.Tensor:
+        """The output tensor in its shape: a raw copy is the source's own tensor, unconverted."""
+        if self.is_raw_copy(op):
+            info = self.checkpoints[op.sources[0].model].tensors[op.sources[0].tensor]
+            return self.source.read(info, 0, math.prod(info.shape)).reshape(op.shape)
+        chunks = list(self.chunks(op))
+        return (chunks[0] if len(chunks) == 1 else torch.cat(chunks)).reshape(op.shape)
 
     def chunks(self, op: TensorOp) -> Iterator[torch.Tensor]:
-        def load(model: str, tensor: str, start: int, end: int) -> torch.Tensor:
-            info = self.checkpoints[model].tensors[tensor]
-            return self.reader.read(info, start, end).to(device=self.device, dtype=torch.float32)
+        def info(tensor: TensorInput) -> TensorInfo:
+            return self.checkpoints[tensor.model].tensors[tensor.tensor]
+
+        def load(tensor: TensorInput, start: int, end: int) -> torch.Tensor:
+            return self.source.read(info(tensor), start, end).to(device=self.device, dtype=torch.float32)
 
         def read(start: int, end: int) -> Chunk:
-            base = load(op.base.model, op.base.tensor, start, end) if op.base else None
-            return Chunk(base, [load(s.model, s.tensor, start, end) for s in op.sources])
+            base = load(op.base, start, end) if op.base else None
+            return Chunk(base, [load(s, start, end) for s in op.sources])
+
+        def ranked(index: int) -> RankedMagnitudes | None:
+            assert op.base is not None
+            return self.source.ranked_magnitudes(info(op.sources[index]), info(op.base))
 
         out_dtype = TORCH_DTYPES[op.dtype]
         stream = merge_stream(
@@ -152,6 +183,7 @@ class _Executor:
             numel=math.prod(op.shape),
             seed=op.seed,
             device=self.device,
+            ranked=ranked if op.base is not None else None,
         )
         for merged in stream:
             yield (merged * op.scale if op.scale != 1.0 else merged).to(out_dtype)
@@ -179,7 +211,7 @@ def merge_to_directory(
         executor = _Executor(checkpoints, reader, torch.device(device))
         for op in tensor_plan.ops:
             if executor.is_raw_copy(op):
-                writer.write(op.output, executor.raw_chunks(op))
+                writer.write(op.output, executor.raw_chunks(op, reader))
                 raw_copies += 1
             else:
                 writer.write(op.output, executor.chunks(op))
@@ -188,17 +220,28 @@ def merge_to_directory(
     return MergeStats(len(tensor_plan.ops), written, raw_copies, time.perf_counter() - started)
 
 
+def merged_tensors(
+    plan: MergePlan,
+    checkpoints: Mapping[str, Checkpoint],
+    source: TensorSource,
+    *,
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each output tensor (name, tensor in its shape and output dtype), in output order, merged from
+    `source`; one at a time, so that at most one merged tensor is alive beyond what the consumer keeps."""
+    executor = _Executor(checkpoints, source, torch.device(device))
+    for op in plan_tensors(plan, checkpoints).ops:
+        yield op.output, executor.whole(op)
+
+
 def merge_to_state_dict(
     plan: MergePlan, *, model_dirs: Mapping[str, Path | str], device: str | torch.device = "cpu"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
     """Merge into memory: (state dict, output config, directory whose tokenizer the output uses)."""
     checkpoints = open_checkpoints(plan, model_dirs)
     tensor_plan = plan_tensors(plan, checkpoints)
-    state = {}
-    with TensorReader() as reader:
-        executor = _Executor(checkpoints, reader, torch.device(device))
-        for op in tensor_plan.ops:
-            state[op.output] = torch.cat(list(executor.chunks(op))).reshape(op.shape)
+    with TensorReader() as reader:  # every read is a buffer of its own: the state dict owns its tensors
+        state = dict(merged_tensors(plan, checkpoints, reader, device=device))
     return state, tensor_plan.config, checkpoints[tensor_plan.config_model].path
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import DTYPE_SIZES, SAFETENSORS_INDEX, TensorInfo
+from .methods.selection import RankedMagnitudes
 
 TORCH_DTYPES = {
     "F64": torch.float64,
@@ -78,6 +79,10 @@ class TensorReader:
         else:
             flat = torch.frombuffer(self.read_bytes(info, start * size, end * size), dtype=dtype)
         return flat.reshape(info.shape) if whole else flat
+
+    def ranked_magnitudes(self, source: TensorInfo, base: TensorInfo) -> RankedMagnitudes | None:
+        """None: the files keep no sorted task vectors (a TIES selection makes its passes)."""
+        return None
 
     def close(self) -> None:
         for fd in self._fds.values():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Chunk, ChunkPass, MergeKernel, Params
+from .base import Chunk, ChunkPass, MagnitudeIndex, MergeKernel, Params
 from .dare import DareLinear, DareTies
 from .linear import Linear
 from .passthrough import Passthrough
@@ -15,4 +15,4 @@ KERNELS: dict[str, MergeKernel] = {
     for kernel in (Linear(), TaskArithmetic(), Ties(), DareLinear(), DareTies(), Slerp(), Passthrough())
 }
 
-__all__ = ["KERNELS", "Chunk", "ChunkPass", "MergeKernel", "Params"]
+__all__ = ["KERNELS", "Chunk", "ChunkPass", "MagnitudeIndex", "MergeKernel", "Params"]

@@ -16,12 +16,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from ...plan.ir import Scalar
 from ...plan.methods import MethodSpec
+
+if TYPE_CHECKING:
+    from .selection import RankedMagnitudes
 
 
 @dataclass(frozen=True)
@@ -44,13 +47,16 @@ class Params:
 
 
 ChunkPass = Callable[[], Iterator[Chunk]]  # each call walks the tensor's inputs once more
+# Source i's task-vector magnitudes, sorted, where the engine's inputs keep them (resident experts); else None.
+MagnitudeIndex = Callable[[int], "RankedMagnitudes | None"]
 
 
 class MergeKernel(ABC):
     spec: ClassVar[MethodSpec]
 
-    def statistics(self, chunks: ChunkPass, params: Params, numel: int) -> Any:
-        """Whatever `merge` needs to know of the whole tensor (of `numel` elements); by default nothing."""
+    def statistics(self, chunks: ChunkPass, params: Params, numel: int, *, ranked: MagnitudeIndex | None = None) -> Any:
+        """Whatever `merge` needs to know of the whole tensor (of `numel` elements); by default nothing.
+        `ranked` answers selections over task vectors without a pass, where the inputs allow."""
         return None
 
     @abstractmethod

@@ -8,6 +8,10 @@ chunk, whatever the tensor's size. It is also faster than a partition of the who
 boundary bin's entries), which is why one-chunk tensors use it too, except small ones: below
 `PARTITION_BELOW` entries, a partition (`torch.kthvalue`) costs less than the histograms' set-up.
 A tensor that fits one chunk is read once and its values kept for the second pass.
+
+A worker that keeps experts resident can do better across trials: a task vector's magnitudes do not
+change from trial to trial, only the density does, so `RankedMagnitudes` sorts them once and every later
+selection is a lookup.
 """
 
 from __future__ import annotations
@@ -79,3 +83,30 @@ def _radix_select(passes: Callable[[], Iterator[Sequence[torch.Tensor]]], ranks:
         pattern = torch.tensor([(bins[i] << 16) | low_bits], dtype=torch.int32)
         thresholds.append(float(pattern.view(torch.float32)))
     return thresholds
+
+
+class RankedMagnitudes:
+    """The magnitudes of one flat float32 tensor, sorted once, in about 2 bytes per entry: the k-th largest
+    of any rank is then a lookup, and the same value `kth_largest_magnitudes` selects.
+
+    Stored as the sorted bit patterns' low 16 bits, and the distinct high 16 bits with where each one's run
+    ends in the sorted order (8 bytes each; a task vector's magnitudes span a few thousand)."""
+
+    def __init__(self, magnitudes: torch.Tensor) -> None:
+        ordered = torch.sort(_bits(magnitudes)).values  # non-negative floats' bits sort like the floats
+        self.numel = ordered.numel()
+        highs, counts = torch.unique_consecutive(ordered >> 16, return_counts=True)
+        self.highs = highs.to(torch.int32)
+        self.run_ends = counts.cumsum(0).to(torch.int32)
+        self.low = (ordered & 0xFFFF).to(torch.int16)  # wraps above 0x7FFF; masked back on lookup
+
+    @property
+    def nbytes(self) -> int:
+        return self.low.numel() * 2 + (self.highs.numel() + self.run_ends.numel()) * 4
+
+    def kth_largest(self, rank: int) -> float:
+        """The `rank`-th largest magnitude (1-based)."""
+        position = self.numel - rank  # in ascending order
+        run = int(torch.searchsorted(self.run_ends, torch.tensor(position, dtype=torch.int32), right=True))
+        pattern = torch.tensor([(int(self.highs[run]) << 16) | (int(self.low[position]) & 0xFFFF)], dtype=torch.int32)
+        return float(pattern.view(torch.float32))

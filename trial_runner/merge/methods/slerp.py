@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ...plan.methods import METHODS
-from .base import Chunk, ChunkPass, MergeKernel, Params
+from .base import Chunk, ChunkPass, MagnitudeIndex, MergeKernel, Params
 
 DOT_THRESHOLD = 0.9995  # |cos| above this: the vectors are nearly parallel and slerp is ill-conditioned
 NORM_EPS = 1e-8
@@ -32,7 +32,7 @@ def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float) -> tupl
 class Slerp(MergeKernel):
     spec = METHODS["slerp"]
 
-    def statistics(self, chunks: ChunkPass, params: Params, numel: int) -> Any:
+    def statistics(self, chunks: ChunkPass, params: Params, numel: int, *, ranked: MagnitudeIndex | None = None) -> Any:
         squares0 = squares1 = dot = 0.0
         for chunk in chunks():
             assert chunk.base is not None

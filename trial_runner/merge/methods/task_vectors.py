@@ -16,23 +16,32 @@ from typing import Any
 
 import torch
 
-from .base import Chunk, ChunkPass, MergeKernel, Params
-from .selection import kth_largest_magnitudes
+from .base import Chunk, ChunkPass, MagnitudeIndex, MergeKernel, Params
+from .selection import PARTITION_BELOW, kth_largest_magnitudes
 
 
-def trim_thresholds(chunks: ChunkPass, params: Params, sources: int, numel: int) -> list[float | None]:
+def trim_thresholds(
+    chunks: ChunkPass, params: Params, sources: int, numel: int, ranked: MagnitudeIndex | None = None
+) -> list[float | None]:
     """Per source, the magnitude at or above which TIES keeps an entry (None: keep all)."""
     densities = [params.source(i, "density") for i in range(sources)]
-    selected = [i for i, d in enumerate(densities) if 0 < d < 1 and numel > 0]
+    trimmed = [i for i, d in enumerate(densities) if 0 < d < 1 and numel > 0]
     # mergekit keeps max(1, int(density * n)) entries; density <= 0 keeps none.
-    ranks = [max(1, int(densities[i] * numel)) for i in selected]
+    rank = {i: max(1, int(densities[i] * numel)) for i in trimmed}
+    found: dict[int, float] = {}
+    for i in trimmed:
+        index = ranked(i) if ranked is not None and numel >= PARTITION_BELOW else None
+        if index is not None:
+            found[i] = index.kth_largest(rank[i])
+    selected = [i for i in trimmed if i not in found]
 
     def magnitudes() -> Iterator[Sequence[torch.Tensor]]:
         for chunk in chunks():
             assert chunk.base is not None
             yield [(chunk.sources[i] - chunk.base).abs_() for i in selected]
 
-    found = dict(zip(selected, kth_largest_magnitudes(magnitudes, ranks), strict=True)) if selected else {}
+    if selected:
+        found |= dict(zip(selected, kth_largest_magnitudes(magnitudes, [rank[i] for i in selected]), strict=True))
     return [found.get(i, float("inf") if densities[i] <= 0 else None) for i in range(sources)]
 
 
@@ -103,10 +112,10 @@ class TaskVectorKernel(MergeKernel):
     sparsify: str | None = None  # "trim" (TIES) or "drop" (DARE)
     elect_sign: bool = False
 
-    def statistics(self, chunks: ChunkPass, params: Params, numel: int) -> Any:
+    def statistics(self, chunks: ChunkPass, params: Params, numel: int, *, ranked: MagnitudeIndex | None = None) -> Any:
         if self.sparsify != "trim":
             return None
-        return trim_thresholds(chunks, params, len(params.per_source), numel)
+        return trim_thresholds(chunks, params, len(params.per_source), numel, ranked)
 
     def merge(self, chunk: Chunk, params: Params, statistics: Any, generator: torch.Generator) -> torch.Tensor:
         return merge_task_vectors(
