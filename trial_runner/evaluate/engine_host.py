@@ -250,28 +250,42 @@ class HostedEvaluator(Evaluator):
         self._connection = Client(address.socket, family="AF_UNIX", authkey=address.key)
         # The trial's threads (its share of the cores) are the engine's, as in the trial's own process.
         threads = torch.get_num_threads()
-        loaded = self._call("load", **what, settings=settings.model_dump(mode="json"), threads=threads)
+        self._send("load", **what, settings=settings.model_dump(mode="json"), threads=threads)
+        tokenizer = AutoTokenizer.from_pretrained(path)  # while the host loads
+        loaded = self._receive("load")
         if loaded.get("in_place"):
             where = loaded["in_place"]
             done = f"merged in place (experts in {where['where']}: {where['reason']})"
         else:
             done = "loaded weights in place" if loaded["reused"] else "started an engine"
         print(f"engine host: {done} in {loaded['seconds']:.2f} s", file=sys.stderr, flush=True)
-        tokenizer = AutoTokenizer.from_pretrained(path)
         super().__init__(prompts=PromptBuilder(tokenizer, loaded["context_len"], stop_token_ids(tokenizer, path)))
 
     def _call(self, op: str, **fields: Any) -> dict[str, Any]:
+        self._send(op, **fields)
+        return self._receive(op)
+
+    def _send(self, op: str, **fields: Any) -> None:
         try:
             self._connection.send_bytes(json.dumps({"op": op, **fields}).encode())
+        except OSError as error:
+            raise self._lost(op, error) from None
+
+    def _receive(self, op: str) -> dict[str, Any]:
+        try:
             reply = json.loads(self._connection.recv_bytes())
         except (EOFError, OSError) as error:
-            raise EngineHostLost(
-                f"the engine host went away during {op} ({error or 'connection closed'}); "
-                "see engine-host.log beside the runs"
-            ) from None
+            raise self._lost(op, error) from None
         if not reply["ok"]:
             raise (ValueError if reply["user_error"] else RuntimeError)(f"engine host: {reply['error']}")
         return reply
+
+    @staticmethod
+    def _lost(op: str, error: Exception) -> EngineHostLost:
+        return EngineHostLost(
+            f"the engine host went away during {op} ({error or 'connection closed'}); "
+            "see engine-host.log beside the runs"
+        )
 
     def _generate(self, requests: Sequence[GenerationRequest], *, stop: Sequence[str]) -> list[list[int]]:
         return self._call("generate", requests=[asdict(r) for r in requests], stop=list(stop))["tokens"]

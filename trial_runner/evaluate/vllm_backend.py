@@ -39,7 +39,7 @@ from ..merge.resident import ResidentModels
 from ..plan.ir import MergePlan
 from .base import Evaluator, InMemoryModel, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
-from .settings import Device, EngineLaunch, VLLMSettings
+from .settings import TRIAL_SIDE, Device, EngineLaunch, VLLMSettings
 
 
 def current_device() -> Device:
@@ -83,7 +83,7 @@ def engine_identity(config: Mapping[str, Any], files: Path, settings: VLLMSettin
     """What an engine is built for, as a digest: the settings, the model's config and the tokenizer's and
     generation files in `files`. Two models of one identity differ in their weights only, which an engine
     can load in place (`load_weights`, `load_merge`)."""
-    digest = hashlib.sha256(settings.model_dump_json().encode())
+    digest = hashlib.sha256(settings.model_dump_json(exclude=set(TRIAL_SIDE)).encode())  # the engine's own
     digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode() + b"\0")
     for name in CARRIED_FILES:
         if (files / name).is_file():

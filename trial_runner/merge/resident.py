@@ -147,7 +147,10 @@ class ResidentModels:
         target = torch.device("cuda", device.index) if placement.where == "cuda" else torch.device("cpu")
         with TensorReader() as reader:
             for info in missing:
-                self._tensors[(info.file, info.name)] = reader.read(info, 0, math.prod(info.shape)).to(target)
+                tensor = reader.read(info, 0, math.prod(info.shape)).to(target)
+                if target.type == "cpu" and device.type == "cuda":  # page-locked: copies to the GPU at full speed
+                    tensor = tensor.pin_memory()
+                self._tensors[(info.file, info.name)] = tensor
                 self._files[info.file] = _file_identity(info.file)
         reread = {(info.file, info.name) for info in missing}
         self._ranked = {key: r for key, r in self._ranked.items() if not reread & set(key)}
