@@ -49,7 +49,10 @@ lint:
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 
-test: install-test system-test-deps mergekit-venv lint
+# The three installs touch nothing of each other's (two virtual environments, Debian packages): in parallel.
+test:
+	$(MAKE) -j3 install-test system-test-deps mergekit-venv
+	$(MAKE) lint
 	MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest
 
 bench-merge: install mergekit-venv

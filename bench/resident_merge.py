@@ -6,8 +6,8 @@ Two measurements, each in one run:
   engine host keeps the engine), on SmolLM2-135M-Instruct with three experts (`bench.experts`), 100 chat
   prompts of 64 new tokens on vLLM's CPU backend. `written`: the trial writes its merge to scratch and the
   engine reloads it (`merge_in_place: false`, the path before resident experts); `resident`: the engine
-  host merges from the experts it keeps into the engine. Per plan (TIES, the breakdown benchmark's; and
-  DARE-TIES, whose random drop no residency can spare), the modes alternate over rounds and take turns at
+  host merges from the experts it keeps into the engine. Per plan (TIES, the breakdown benchmark's;
+  DARE-TIES, whose random drop no residency can spare; linear), the modes alternate over rounds and take turns at
   going first; each host's first resident trial (reading the experts, sorting TIES's task vectors) is
   timed apart. Reported: medians of each phase, the fixed share (everything but evaluating, over the
   trial's whole life) and the trial's time as a ratio to `written`.
@@ -61,9 +61,14 @@ LLAMA_1B = {
 }
 
 
-def dare_ties_plan(root: Path) -> MergePlan:
-    data = ties_plan(root).model_dump()
-    data["slices"][0]["method"] = "dare_ties"
+def with_method(plan: MergePlan, method: str) -> MergePlan:
+    """The breakdown benchmark's plan with another method (linear: no base, the weights alone)."""
+    data = plan.model_dump()
+    data["slices"][0]["method"] = method
+    if method == "linear":
+        data["slices"][0]["base"] = None
+        for source in data["slices"][0]["sources"]:
+            source["params"] = {"weight": source["params"]["weight"]}
     return MergePlan.model_validate(data)
 
 
@@ -81,7 +86,7 @@ def smollm2(rounds: int, samples: int) -> dict:
         "max_new_tokens": 64,
         "answer_pattern": r"(-?\d+)\D*$",
     }
-    plans = {"ties": ties_plan(root), "dare_ties": dare_ties_plan(root)}
+    plans = {method: with_method(ties_plan(root), method) for method in ("ties", "dare_ties", "linear")}
     modes = {"written": {"merge_in_place": False}, "resident": {}}
 
     def spec_for(plan: str, mode: str, name: str) -> TrialSpec:
@@ -274,6 +279,8 @@ def llama1b(rounds: int) -> dict:
                 done = time.perf_counter()
             resident.append(
                 {
+                    "merge": placed["merge_seconds"],  # computing the merged tensors
+                    "load": placed["load_seconds"],  # vLLM's load_weights and post-load processing
                     "ready": done - started,
                     "peak_gib": memory.above_entry_gib,
                     "where": placed["where"],
@@ -283,7 +290,9 @@ def llama1b(rounds: int) -> dict:
             print("resident", round_, json.dumps(resident[-1]), flush=True)
         report["written"] = {k: round(statistics.median(r[k] for r in written), 3) for k in written[0]}
         report["resident_first"] = resident[0]
-        report["resident"] = {k: round(statistics.median(r[k] for r in resident[1:]), 3) for k in ("ready", "peak_gib")}
+        report["resident"] = {
+            k: round(statistics.median(r[k] for r in resident[1:]), 3) for k in ("merge", "load", "ready", "peak_gib")
+        }
         report["resident_over_written"] = round(report["resident"]["ready"] / report["written"]["ready"], 3)
         report["max_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2)
     finally:

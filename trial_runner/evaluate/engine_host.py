@@ -186,7 +186,8 @@ class EngineHost:
             report = self.engine.load_merge(merge.plan, merge.model_dirs, device=merge.device, limit_bytes=limit)
             seconds = time.perf_counter() - started
             print(
-                f"engine host: merged in place for {merge.directory} in {seconds:.2f} s; experts in "
+                f"engine host: merged in place for {merge.directory} in {seconds:.2f} s (merge "
+                f"{report['merge_seconds']:.2f} s, load {report['load_seconds']:.2f} s); experts in "
                 f"{report['where']} ({report['reason']})",
                 flush=True,
             )

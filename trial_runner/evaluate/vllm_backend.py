@@ -115,15 +115,31 @@ def _merge_into_model(
     compute = torch.device(device)
     placement = _RESIDENT.make_resident(checkpoints, device=compute, limit_bytes=limit_bytes)
     resident_seconds = time.perf_counter() - started
+    merging = 0.0  # of the reload's time, what computing the merged tensors took
+
+    def timed(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal merging
+        while True:
+            began = time.perf_counter()
+            item = next(weights, None)
+            merging += time.perf_counter() - began
+            if item is None:
+                return
+            yield item
+
     with TensorReader() as reader:
         source = reader if placement.where == "files" else _RESIDENT
         # vLLM's in-place reload from an iterator: the model's own load_weights (fused projections,
         # tied embeddings) and then its post-load processing for the device's kernels, as from files.
-        worker.reload_weights(weights_iterator=merged_tensors(merge_plan, checkpoints, source, device=compute))
+        reloading = time.perf_counter()
+        worker.reload_weights(weights_iterator=timed(merged_tensors(merge_plan, checkpoints, source, device=compute)))
+        reloaded = time.perf_counter() - reloading
     return {
         "where": placement.where,
         "reason": placement.reason,
         "resident_seconds": round(resident_seconds, 3),
+        "merge_seconds": round(merging, 3),
+        "load_seconds": round(reloaded - merging, 3),
         "seconds": round(time.perf_counter() - started, 3),
     }
 
