@@ -3,10 +3,10 @@
 fetch the models (through the node's cache) -> merge the plan -> evaluate the asked sample ranges ->
 report. With the `hf` backend the merged model never touches the disk (it is merged into memory and
 loaded from there); vLLM loads from a directory, so the merge is written to the scratch directory
-first. A run of a fork server evaluates with vLLM in the server's engine host, which loads the merge
-into an engine it keeps running (`evaluate.engine_host`). The report is a `TrialResult`: on stdout, in
-the spec's result file and in /dev/termination-log when it exists; the exit code says whether a retry
-can help (see `spec`).
+first. A run of a fork server evaluates with vLLM in the server's engine host, which computes the merge
+itself, straight into an engine it keeps running, from experts it keeps resident (`evaluate.engine_host`).
+The report is a `TrialResult`: on stdout, in the spec's result file and in /dev/termination-log when it
+exists; the exit code says whether a retry can help (see `spec`).
 
 A trial process exits as soon as it has reported, without tearing the evaluator down or finalizing
 the interpreter (`os._exit`): the exit frees the memory anyway, and a vLLM engine's orderly shutdown
@@ -120,13 +120,13 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     merged_dir = Path(spec.scratch_dir) / "merged"
     # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`), which
     # computes the merge itself, into its engine, unless the merge must be written for the upload.
-    host = HostAddress.from_environment() if isinstance(settings, VLLMSettings) and settings.keep_engine else None
-    if host is not None and settings.merge_in_place and spec.output_uri is None:
-        model: Path | InMemoryModel | PlannedMerge = PlannedMerge(spec.plan, model_dirs, device, merged_dir)
+    hosted = isinstance(settings, VLLMSettings) and settings.keep_engine
+    host = HostAddress.from_environment() if hosted else None
+    model: Path | InMemoryModel | PlannedMerge
+    if host is not None and isinstance(settings, VLLMSettings) and settings.merge_in_place and not spec.output_uri:
+        model = PlannedMerge(spec.plan, model_dirs, device, merged_dir)
     elif spec.backend == "hf" and spec.output_uri is None:
-        model: Path | InMemoryModel = InMemoryModel(
-            *merge_to_state_dict(spec.plan, model_dirs=model_dirs, device=device)
-        )
+        model = InMemoryModel(*merge_to_state_dict(spec.plan, model_dirs=model_dirs, device=device))
     else:
         merge_to_directory(spec.plan, merged_dir, model_dirs=model_dirs, device=device)
         model = merged_dir

@@ -182,7 +182,10 @@ def test_a_search_with_the_vllm_backend_runs_through_the_fork_server(world, tmp_
     log = host_log.read_text()
     assert len(re.findall(r"engine host \d+: serving", log)) == 2
     assert log.count("started an engine") == 2
-    assert log.count("loaded weights in place") >= 3
+    # Later trials merge straight into the kept engine; the final stage's uploaded merge is loaded from its files.
+    assert (
+        log.count("merged in place") >= 2 and log.count("merged in place") + log.count("loaded weights in place") >= 3
+    )
 
     status = subprocess.run(
         [*MERGESEARCH, "status", str(manifest), "--work-dir", str(work)], capture_output=True, text=True

@@ -183,7 +183,11 @@ class EngineHost:
         fits = self.engine is not None and self.built_for == (identity, threads)
         if fits and self.engine is not None and self.engine.can_merge_in_place:
             limit = None if settings.resident_gib is None else int(settings.resident_gib * (1 << 30))
-            report = self.engine.load_merge(merge.plan, merge.model_dirs, device=merge.device, limit_bytes=limit)
+            try:
+                report = self.engine.load_merge(merge.plan, merge.model_dirs, device=merge.device, limit_bytes=limit)
+            except BaseException:  # stopped halfway, the engine holds some layers of each model: start afresh
+                self._drop_engine()
+                raise
             seconds = time.perf_counter() - started
             print(
                 f"engine host: merged in place for {merge.directory} in {seconds:.2f} s (merge "

@@ -109,6 +109,7 @@ class ResidentModels:
         self._ranked: dict[tuple[tuple[Path, str], tuple[Path, str]], RankedMagnitudes] = {}
         self._placement: Placement | None = None
         self._limit: int | None = None
+        self._device = torch.device("cpu")  # where the merges compute
 
     @property
     def nbytes(self) -> int:
@@ -124,7 +125,7 @@ class ResidentModels:
         self, checkpoints: Mapping[str, Checkpoint], *, device: torch.device, limit_bytes: int | None
     ) -> Placement:
         """Hold every tensor of `checkpoints` in memory if they fit (see `choose_placement`); the placement."""
-        self._limit = limit_bytes
+        self._limit, self._device = limit_bytes, device
         wanted = [info for checkpoint in checkpoints.values() for info in checkpoint.tensors.values()]
         missing = [info for info in wanted if not self._is_current(info)]
         within_limit = limit_bytes is None or self.nbytes <= limit_bytes
@@ -182,8 +183,12 @@ class ResidentModels:
         within_limit = self._limit is None or self.nbytes + size <= self._limit
         if not within_limit or size > _usable(free):
             return None
-        magnitudes = (flat.float() - self._tensors[key[1]].float()).abs_()  # as the engine's chunks compute it
-        self._ranked[key] = RankedMagnitudes(magnitudes)
+        base = self._tensors[key[1]]
+        try:  # sorted where the merges compute (a GPU sorts in milliseconds), kept beside the experts
+            magnitudes = (flat.to(self._device).float() - base.to(self._device).float()).abs_()  # as chunks do
+            self._ranked[key] = RankedMagnitudes(magnitudes).to(flat.device)
+        except torch.OutOfMemoryError:  # the device is full (an engine's KV cache): select per trial instead
+            return None
         return self._ranked[key]
 
     def clear(self) -> None:

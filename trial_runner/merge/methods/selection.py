@@ -104,6 +104,11 @@ class RankedMagnitudes:
     def nbytes(self) -> int:
         return self.low.numel() * 2 + (self.highs.numel() + self.run_ends.numel()) * 4
 
+    def to(self, device: torch.device) -> RankedMagnitudes:
+        """Move the index to `device` (in place); itself."""
+        self.highs, self.run_ends, self.low = self.highs.to(device), self.run_ends.to(device), self.low.to(device)
+        return self
+
     def kth_largest(self, rank: int) -> float:
         """The `rank`-th largest magnitude (1-based)."""
         position = self.numel - rank  # in ascending order

@@ -72,8 +72,13 @@ def merge_task_vectors(
                 draws = torch.rand(base.shape, generator=drop, device=base.device)
                 # 1 where the draw is below the density, else 0 (an arithmetic mask, see below)
                 keep[i] = torch.nn.functional.threshold(draws.neg_().add_(density), 0.0, 0.0).sign_()
+    # Keep |delta| >= threshold: threshold() keeps what is above the float just below it.
+    below = [
+        None if t is None else float(torch.nextafter(torch.tensor(t), torch.tensor(-math.inf)))
+        for t in (thresholds or [None] * count)
+    ]
     if base.numel() <= BLOCK_ELEMENTS:
-        return _merge_block(base, chunk.sources, keep, params, thresholds, elect_sign)
+        return _merge_block(base, chunk.sources, keep, params, below, elect_sign)
     merged = torch.empty_like(base)
     for start in range(0, base.numel(), BLOCK_ELEMENTS):
         block = slice(start, start + BLOCK_ELEMENTS)
@@ -82,7 +87,7 @@ def merge_task_vectors(
             [source[block] for source in chunk.sources],
             [None if k is None else k[block] for k in keep],
             params,
-            thresholds,
+            below,
             elect_sign,
         )
     return merged
@@ -93,7 +98,7 @@ def _merge_block(
     sources: Sequence[torch.Tensor],
     keep: Sequence[torch.Tensor | None],
     params: Params,
-    thresholds: Sequence[float | None] | None,
+    below: Sequence[float | None],
     elect_sign: bool,
 ) -> torch.Tensor:
     count = len(sources)
@@ -101,11 +106,9 @@ def _merge_block(
     deltas = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
     for i, source in enumerate(sources):
         delta = torch.sub(source, base, out=deltas[i])
-        if thresholds is not None and thresholds[i] is not None:
-            # Keep |delta| >= threshold: threshold() keeps what is above the float just below it, and
-            # copysign gives the kept magnitudes their sign back (see "arithmetic masks" below).
-            below = float(torch.nextafter(torch.tensor(thresholds[i]), torch.tensor(-math.inf)))
-            torch.copysign(torch.nn.functional.threshold(delta.abs(), below, 0.0), delta, out=delta)
+        if below[i] is not None:
+            # copysign gives the kept magnitudes their sign back (see "arithmetic masks" below)
+            torch.copysign(torch.nn.functional.threshold(delta.abs(), below[i], 0.0), delta, out=delta)
         kept = keep[i]
         if kept is not None:
             delta.mul_(kept)
