@@ -7,8 +7,10 @@ BIN := $(VENV)/bin
 # CPU torch; nothing here uses them.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 # No byte-compiling at install: torch, vLLM and transformers ship tens of thousands of modules, of which a
-# run imports a fraction (compiled on first import instead).
+# run imports a fraction. They are compiled on first import instead, and cached, also where the machine
+# sets PYTHONDONTWRITEBYTECODE (as CI's does; otherwise every process would compile them afresh).
 PIP_INSTALL := pip install --quiet --no-compile
+WRITE_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
 
 .PHONY: demo test test-all install install-test system-test-deps lint docs mergekit-venv bench-merge bench clean
 
@@ -38,8 +40,8 @@ $(MERGEKIT_VENV)/bin/mergekit-yaml:
 	$(MERGEKIT_VENV)/bin/$(PIP_INSTALL) 'torch==2.13.0' 'mergekit==0.1.5'
 
 demo: install
-	$(BIN)/mergesearch testbed .cache/tiny-world
-	$(BIN)/mergesearch run manifests/examples/quickstart.yaml
+	$(WRITE_BYTECODE) $(BIN)/mergesearch testbed .cache/tiny-world
+	$(WRITE_BYTECODE) $(BIN)/mergesearch run manifests/examples/quickstart.yaml
 
 # Regenerate what is generated from the schema: the CRD (manifests and chart) and the field reference
 # (docs/reference.md; the documentation site builds from docs/ with `mkdocs build --strict`).
@@ -58,7 +60,7 @@ lint:
 test test-all:
 	$(MAKE) -j3 install-test system-test-deps mergekit-venv
 	$(MAKE) lint
-	MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest \
+	$(WRITE_BYTECODE) MERGEKIT_YAML=$(CURDIR)/$(MERGEKIT_VENV)/bin/mergekit-yaml $(BIN)/python -m pytest \
 	  $(if $(filter test,$@),-m "not reference")
 
 bench-merge: install mergekit-venv
