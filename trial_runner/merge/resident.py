@@ -117,17 +117,18 @@ class ResidentModels:
         held = sum(t.numel() * t.element_size() for t in self._tensors.values())
         return held + sum(r.nbytes for r in self._ranked.values())
 
-    def _is_current(self, info: TensorInfo) -> bool:
-        key = (info.file, info.name)
-        return key in self._tensors and self._files.get(info.file) == _file_identity(info.file)
-
     def make_resident(
         self, checkpoints: Mapping[str, Checkpoint], *, device: torch.device, limit_bytes: int | None
     ) -> Placement:
         """Hold every tensor of `checkpoints` in memory if they fit (see `choose_placement`); the placement."""
         self._limit, self._device = limit_bytes, device
         wanted = [info for checkpoint in checkpoints.values() for info in checkpoint.tensors.values()]
-        missing = [info for info in wanted if not self._is_current(info)]
+        files = {info.file: _file_identity(info.file) for info in wanted}  # one stat per file, not per tensor
+        missing = [
+            info
+            for info in wanted
+            if (info.file, info.name) not in self._tensors or self._files.get(info.file) != files[info.file]
+        ]
         within_limit = limit_bytes is None or self.nbytes <= limit_bytes
         if not missing and within_limit and self._placement is not None and self._placement.where != "files":
             return self._placement
@@ -152,7 +153,7 @@ class ResidentModels:
                 if target.type == "cpu" and device.type == "cuda":  # page-locked: copies to the GPU at full speed
                     tensor = tensor.pin_memory()
                 self._tensors[(info.file, info.name)] = tensor
-                self._files[info.file] = _file_identity(info.file)
+                self._files[info.file] = files[info.file]
         reread = {(info.file, info.name) for info in missing}
         self._ranked = {key: r for key, r in self._ranked.items() if not reread & set(key)}
         self._placement = placement
