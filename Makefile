@@ -73,7 +73,8 @@ bench: install-test bench-merge
 	$(BIN)/python -m bench.eval_backends
 	$(BIN)/python -m bench.trial_breakdown
 	$(BIN)/python -m bench.search_efficiency
-	$(BIN)/python -m bench.search_bound
+	$(BIN)/python -m bench.search_bound --world smollm2
+	$(BIN)/python -m bench.search_bound --world tiny
 	$(BIN)/python -m bench.operator_scale
 	$(BIN)/python -m bench.real_llm_search --space LFS
 

@@ -1,25 +1,33 @@
-"""What any multi-fidelity schedule could save in the search benchmark's world: replays over measured merges.
+"""What multi-fidelity saves, by replay over measured merges: anytime curves, budgets to reach, rung quality.
 
-`search_efficiency.py` measures real searches; this measures the world they run in. It draws a pool of
-merge plans at random from that benchmark's LFS space, evaluates each on all maxSamples search samples
-per task (hf backend, in memory), and keeps every sample's correctness in fidelity order: a rung of n
-samples per task is the first n of them, as a trial sees them. It then replays random search over the
-pool (many random draw orders) under the product's own schedules (`Schedule`, `promotable`): full
-fidelity, Hyperband, ASHA, and ASHA with an oracle lowest rung, whose rungs rank each plan by its score
-on all maxSamples samples (a rung with no noise at all, which no real schedule has). For each sample
-budget it reports the samples each needed to reach full fidelity's final best (to within one standard
-error, as the search benchmark counts it) as a ratio to full fidelity's, beside a lower bound for any
-schedule over these rungs that looks at every plan it draws: one lowest rung for each plan drawn before
-the first that reaches the target, plus that plan's full evaluation.
+Real searches cost tens of minutes each on the SmolLM2 world; this carries the many seeds and the large
+budgets. It measures a pool of merges once, keeping every sample's correctness: the space's initial
+design (each expert alone and the hand recipes, which every real search runs first) and then plans drawn
+at random from the space, each on all maxSamples search samples per task in fidelity order (a rung of n
+samples per task is the first n, as a trial sees them), and on the whole held-out split wherever a plan
+can matter for a curve (the initial design, and every plan that is ever an incumbent in a replay).
 
-The replay runs one trial at a time, so every promotion decision sees every earlier result (the real
-searches run 2 in parallel), and it draws at random (the real searches use TPE after the initial design).
-Also reported: the spread of the pool's scores, and how often the lowest rung's top 1/eta keeps the best
-plan of a rung's worth of plans.
+It then replays searches over the pool, one trial at a time, under the product's own `Schedule` and
+`promotable`: the initial design first, then random draws (TPE cannot be replayed over a fixed pool: a
+real search's TPE proposes plans the pool does not hold). Each draw order is run by every strategy -
+full fidelity, Hyperband, its most aggressive brackets down to ASHA (`fidelity.brackets: 1`, the
+default), and two references no real schedule reaches: ASHA with oracle rungs (every rung ranks a plan
+by its score on all maxSamples samples: no noise), and a clairvoyant search that pays one lowest rung for
+each plan it draws and the rest of maxSamples only for a plan that is the best so far on all of them - so
+strategies are compared on the same draws, as paired differences. A trial's device-seconds are the
+plan's measured merge-and-load time for each run it makes plus its measured seconds per sample.
 
-    python -m bench.search_bound [--candidates 300] [--full-trials 24 48 96] [--replays 300]
+Reported per budget (in full-fidelity trials): each strategy's mean held-out curve of its incumbent
+against evaluated samples and device-seconds, with its standard error over draw orders; where its mean
+curve first reaches full fidelity's final mean, as a ratio to the budget; and its final held-out score
+against full fidelity's, paired over draw orders. Also, how well each rung ranks the pool's random plans
+(Spearman correlation with the top rung; share of the top 10 kept by successive halving).
 
-The pool is kept in the work directory and extended, not redrawn, when --candidates grows.
+    python -m bench.search_bound --world smollm2 [--candidates 200] [--full-trials 24 48 96] [--replays 300]
+    python -m bench.search_bound --world tiny [--candidates 300]
+
+The pool is kept in the work directory and extended, not redrawn, when --candidates grows; an
+interrupted measurement keeps every plan it finished.
 """
 
 from __future__ import annotations
@@ -27,178 +35,361 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import statistics
-import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
+from scipy.stats import spearmanr
 
-from bench.search_world import (
-    ETA,
-    MAX_SAMPLES,
-    MIN_SAMPLES,
-    STRATEGIES,
-    TASKS,
-    WORLD,
-    first_reaching,
-    manifest,
-    standard_error,
-)
+from bench.search_world import STRATEGIES, WORLDS, PlanScorer
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.hyperband import Schedule, promotable
-from mergesearch_operator.spec import parse_manifest
-from mergesearch_trial_runner.evaluate import InMemoryModel, open_evaluator
-from mergesearch_trial_runner.merge.engine import merge_to_state_dict
+from mergesearch_operator.spaces.base import SearchSpace
+from mergesearch_operator.spec import MergeSearch, parse_manifest
+from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.store import ModelStore
-from mergesearch_trial_runner.tasks import load_splits, sample_range
-from mergesearch_trial_runner.testbed.models import build_world
+from mergesearch_trial_runner.tasks import Sample, TaskSpec, load_splits, sample_range
 
-SCHEDULES = {
-    "full-fidelity": (Schedule.single_fidelity(MAX_SAMPLES), False),
-    "hyperband": (Schedule.build(MIN_SAMPLES, MAX_SAMPLES, ETA), False),
-    "asha": (Schedule.build(MIN_SAMPLES, MAX_SAMPLES, ETA, max_brackets=1), False),
-    "asha, oracle rungs": (Schedule.build(MIN_SAMPLES, MAX_SAMPLES, ETA, max_brackets=1), True),
-}
-IDEAL = "lower bound, any schedule"
+FULL_FIDELITY = "full-fidelity"
+RUNGS, ORACLE, CLAIRVOYANT = "rungs", "oracle", "clairvoyant"
+REFERENCES = ("asha, oracle rungs", CLAIRVOYANT)  # not schedules a search can run
+TOP_PLANS = 10  # the rung-quality report follows the pool's best 10 plans through successive halving
+SHARED_MACHINE = 1.25  # a per-sample time this far above the pool's median was measured beside other work
+ONE_OFF = 4.0  # a merge-and-load time this far above the median paid an engine's one-off costs
 
 
-def measure_pool(size: int, work: Path) -> np.ndarray:
-    """Correctness (plan, task, sample) of `size` random plans on each task's first maxSamples search samples."""
-    path = work / "pool.json"
-    pool = json.loads(path.read_text()) if path.exists() else []
-    if len(pool) < size:
-        world = build_world(Path.home() / ".cache" / "mergesearch", WORLD)
-        resource = parse_manifest(manifest(world, "search-bound", 0, STRATEGIES["random"], 1))
+def world_manifest(world_name: str) -> dict[str, Any]:
+    """A search manifest over the world (its space, objectives, fidelity and trial backend are what count)."""
+    return WORLDS[world_name].manifest("search-bound", 0, STRATEGIES["random"], 1)
+
+
+def strategies(resource: MergeSearch) -> dict[str, tuple[Schedule, str]]:
+    """Name -> (schedule, how rungs rank: `RUNGS` on their own samples, `ORACLE` on all maxSamples, or
+    `CLAIRVOYANT`) over the manifest's fidelity."""
+    f = resource.spec.fidelity
+    hyperband = Schedule.build(f.min_samples, f.max_samples, f.reduction_factor)
+    return {
+        FULL_FIDELITY: (Schedule.single_fidelity(f.max_samples), RUNGS),
+        "hyperband": (hyperband, RUNGS),
+        **{
+            f"brackets {n}": (Schedule.build(f.min_samples, f.max_samples, f.reduction_factor, n), RUNGS)
+            for n in range(hyperband.rungs - 1, 1, -1)
+        },
+        "asha": (Schedule.build(f.min_samples, f.max_samples, f.reduction_factor, 1), RUNGS),
+        "asha, oracle rungs": (Schedule.build(f.min_samples, f.max_samples, f.reduction_factor, 1), ORACLE),
+        CLAIRVOYANT: (Schedule.build(f.min_samples, f.max_samples, f.reduction_factor, 1), CLAIRVOYANT),
+    }
+
+
+@dataclass
+class Pool:
+    """The measured plans: the initial design first, then random draws; kept as JSON lines."""
+
+    path: Path
+    resource: MergeSearch
+    space: SearchSpace
+    entries: list[dict[str, Any]]
+
+    @classmethod
+    def open(cls, world_name: str, work: Path) -> Pool:
+        work.mkdir(parents=True, exist_ok=True)
+        resource = parse_manifest(world_manifest(world_name))
+        shutil.rmtree(work / "study", ignore_errors=True)  # only the space is wanted, not an old study
         space = LocalSearch.for_manifest(resource, work_dir=work / "study").controller().space
-        tasks = [objective.task() for objective in resource.spec.objectives]
-        samples = {t.name: sample_range(load_splits(t)["search"], 0, MAX_SAMPLES, task=t.name) for t in tasks}
-        store = ModelStore()
-        # Draw in the same seeded order every time, so that a larger pool extends a smaller one.
+        path = work / "pool.jsonl"
+        entries = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return cls(path, resource, space, entries)
+
+    @property
+    def tasks(self) -> list[TaskSpec]:
+        return [objective.task() for objective in self.resource.spec.objectives]
+
+    def _samples(self, split: str) -> dict[str, tuple[TaskSpec, list[Sample]]]:
+        top = self.resource.spec.fidelity.max_samples
+        chosen = {}
+        for task in self.tasks:
+            samples = load_splits(task)[split]
+            chosen[task.name] = (task, sample_range(samples, 0, top, task=task.name) if split == "search" else samples)
+        return chosen
+
+    def _save(self) -> None:
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in self.entries))
+
+    def scorer(self) -> PlanScorer:
+        base = ModelStore().fetch_model(self.space.facts.model_uris["base"])
+        return PlanScorer(self.resource.spec.trial.backend, self.resource.spec.trial.engine_args, base)
+
+    def measure(self, candidates: int, scorer: PlanScorer) -> None:
+        """Extend the pool to the initial design plus `candidates` random plans; the initial design gets its
+        held-out scores at once (every replay runs it)."""
+        initial = self.space.initial_params()
+        # Drawn in the same seeded order every time, so that a larger pool extends a smaller one.
         study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
-        for index in range(size):
+        wanted: list[tuple[str, dict[str, Any]]] = [("initial", p) for p in initial]
+        for _ in range(candidates):
             trial = study.ask()
-            plan = space.suggest(trial)
+            self.space.suggest(trial)
             study.tell(trial, 0.0)
-            if index < len(pool):
-                continue
-            started = time.monotonic()
-            model_dirs = {name: store.fetch_model(uri) for name, uri in plan.models.items()}
-            with open_evaluator("hf", model=InMemoryModel(*merge_to_state_dict(plan, model_dirs=model_dirs))) as model:
-                pool.append(
-                    [
-                        "".join(
-                            "1" if r.correct else "0" for r in model.evaluate_samples(task=t, samples=samples[t.name])
-                        )
-                        for t in tasks
-                    ]
-                )
-            path.write_text(json.dumps(pool))
-            print(f"plan {index}: {time.monotonic() - started:.1f} s", flush=True)
-    return np.array([[[bit == "1" for bit in task] for task in plan] for plan in pool[:size]], dtype=float)
+            wanted.append(("random", trial.params))
+        search = self._samples("search")
+        for index in range(len(self.entries), len(wanted)):
+            kind, params = wanted[index]
+            plan = self.space.plan_of(params)
+            assert isinstance(plan, MergePlan), "LFS plans are never skipped"
+            bits, seconds = scorer.score(plan, search)
+            self.entries.append({"kind": kind, "params": params, "search": bits, "seconds": seconds, "test": None})
+            if kind == "initial":
+                self.entries[-1]["test"], _ = scorer.score(plan, self._samples("test"))
+            self._save()
+            print(
+                f"plan {index} ({kind}): {seconds['load']:.1f} s load, {seconds['per_sample'] * 1e3:.0f} ms/sample",
+                flush=True,
+            )
+
+    def measure_held_out(self, indices: set[int], scorer: PlanScorer) -> None:
+        test = self._samples("test")
+        for index in sorted(i for i in indices if self.entries[i]["test"] is None):
+            plan = self.space.plan_of(self.entries[index]["params"])
+            assert isinstance(plan, MergePlan)
+            self.entries[index]["test"], _ = scorer.score(plan, test)
+            self._save()
+            print(f"plan {index}: held-out measured", flush=True)
+
+
+def _mean_accuracy(bits: list[str]) -> float:
+    return float(np.mean([task.count("1") / len(task) for task in bits]))
 
 
 class Replay:
-    """Random search over a measured pool under one schedule, one trial at a time."""
+    """Searches over a measured pool, one trial at a time: the initial design, then random draws."""
 
-    def __init__(self, correct: np.ndarray):
+    def __init__(self, pool: Pool, candidates: int):
+        entries = pool.entries
+        self.initial = [i for i, e in enumerate(entries) if e["kind"] == "initial"]
+        self.random = [i for i, e in enumerate(entries) if e["kind"] == "random"][:candidates]
+        self.tasks = len(pool.tasks)
+        self.top = pool.resource.spec.fidelity.max_samples
+        correct = np.array([[[bit == "1" for bit in task] for task in e["search"]] for e in entries], dtype=float)
         # running[p, n]: plan p's mean accuracy over the tasks on their first n samples
         counts = np.concatenate([np.zeros((*correct.shape[:2], 1)), correct.cumsum(axis=2)], axis=2)
         self.running = (counts / np.maximum(np.arange(counts.shape[2]), 1)).mean(axis=1)
-        self.full = self.running[:, MAX_SAMPLES]
+        self.full = self.running[:, self.top]
+        self.load_seconds = np.array([e["seconds"]["load"] for e in entries])
+        self.sample_seconds = np.array([e["seconds"]["per_sample"] for e in entries])
+        # A plan measured while something else ran on the machine shows a slow per-sample time, and the
+        # first merges of an engine pay its one-off costs (its start, reading the experts in, TIES's sort
+        # of magnitudes); they are charged the pool's median seconds instead (correctness is unaffected).
+        self.shared = (self.sample_seconds > SHARED_MACHINE * np.median(self.sample_seconds)) | (
+            self.load_seconds > ONE_OFF * np.median(self.load_seconds)
+        )
+        self.load_seconds[self.shared] = np.median(self.load_seconds[~self.shared])
+        self.sample_seconds[self.shared] = np.median(self.sample_seconds[~self.shared])
+        self.held_out = np.array([np.nan if e["test"] is None else _mean_accuracy(e["test"]) for e in entries])
 
-    def incumbents(self, order: list[int], schedule: Schedule, oracle: bool, budget: int) -> list[tuple[int, float]]:
-        """(samples used, score) each time a plan finished at the top rung with the best score so far."""
+    def order(self, rng: random.Random, length: int) -> list[int]:
+        return self.initial + [rng.choice(self.random) for _ in range(length)]
+
+    def incumbents(
+        self, order: list[int], schedule: Schedule, ranking: str, budget: int, salt: str
+    ) -> tuple[list[tuple[int, float, int]], float]:
+        """(samples used, device-seconds used, plan) each time a plan finished at the top rung with the best
+        score so far, until `budget` samples are used; and the device-seconds used by then."""
         arrivals: dict[tuple[int, int], list[float]] = {}  # (bracket, rung) -> scores that reached it
-        used, best, history = 0, float("-inf"), []
+        used, seconds, best, history = 0, 0.0, float("-inf"), []
         for number, plan in enumerate(order):
-            bracket = schedule.bracket_of(number)
+            if ranking == CLAIRVOYANT:  # the lowest rung, and the rest only for a new best
+                lowest = schedule.budgets[0]
+                runs = [lowest] + ([schedule.budgets[-1] - lowest] if self.full[plan] > best else [])
+                used += sum(runs) * self.tasks
+                seconds += sum(self.load_seconds[plan] + self.sample_seconds[plan] * n * self.tasks for n in runs)
+                if len(runs) > 1:
+                    best = self.full[plan]
+                    history.append((used, seconds, plan))
+                if used >= budget:
+                    return history, seconds
+                continue
+            bracket = schedule.bracket_of(number, salt)
             for rung in range(bracket, schedule.rungs):
                 start, end = schedule.sample_range(rung, bracket)
-                used += (end - start) * len(TASKS)
-                score = self.full[plan] if oracle else self.running[plan, end]
+                used += (end - start) * self.tasks
+                seconds += self.load_seconds[plan] + self.sample_seconds[plan] * (end - start) * self.tasks
+                score = self.full[plan] if ranking == ORACLE else self.running[plan, end]
                 arrivals.setdefault((bracket, rung), []).append(score)
                 if rung == schedule.top_rung:
                     if score > best:
                         best = score
-                        history.append((used, best))
+                        history.append((used, seconds, plan))
                 elif not promotable(score, arrivals[bracket, rung], schedule.reduction_factor):
                     break
             if used >= budget:
-                return history
+                return history, seconds
         raise ValueError("the draw order ran out before the budget; draw more")
 
-    def lowest_rung_keeps_best(self, rng: random.Random, pools: int) -> float:
-        """Share of random rung-sized groups of plans whose best (on all samples) is in the lowest rung's top 1/eta."""
-        group = ETA ** SCHEDULES["asha"][0].top_rung
-        kept = 0
-        for _ in range(pools):
-            plans = rng.sample(range(len(self.full)), group)
-            best = max(plans, key=lambda p: self.full[p])
-            rung_scores = [self.running[p, MIN_SAMPLES] for p in plans]
-            kept += promotable(self.running[best, MIN_SAMPLES], rung_scores, ETA)
-        return kept / pools
+    def curve(self, history: list[tuple[int, float, int]], grid: np.ndarray, axis: int) -> np.ndarray:
+        """The incumbent's held-out score at each point of `grid` (axis 0: samples, 1: device-seconds)."""
+        used = np.array([entry[axis] for entry in history])
+        plans = np.array([entry[2] for entry in history])
+        at = np.searchsorted(used, grid, side="right") - 1
+        return np.where(at >= 0, self.held_out[plans[np.maximum(at, 0)]], np.nan)
+
+    def rung_quality(self, schedule: Schedule) -> list[dict[str, float]]:
+        """Per rung below the top, over the random plans: Spearman correlation of rung scores with top-rung
+        scores, and the share of the top plans (by top-rung score) that successive halving keeps."""
+        plans = np.array(self.random)
+        top = set(plans[np.argsort(-self.full[plans])[:TOP_PLANS]].tolist())
+        kept, report = plans, []
+        for rung in range(schedule.top_rung):
+            samples = schedule.budgets[rung]
+            scores = self.running[kept, samples]
+            kept = kept[np.argsort(-scores, kind="stable")[: max(1, len(kept) // schedule.reduction_factor)]]
+            report.append(
+                {
+                    "samples_per_task": samples,
+                    "spearman_with_top_rung": float(spearmanr(self.running[plans, samples], self.full[plans])[0]),
+                    f"top_{TOP_PLANS}_kept": len(top & set(kept.tolist())) / TOP_PLANS,
+                }
+            )
+        return report
+
+
+def replay_budget(
+    replay: Replay, plans: dict[str, tuple[Schedule, str]], trials: int, replays: int, rng: random.Random
+) -> dict[str, Any]:
+    """Every strategy over the same `replays` draw orders, with a budget of `trials` full-fidelity trials."""
+    full_trial = replay.top * replay.tasks
+    budget = trials * full_trial
+    histories: dict[str, list] = {name: [] for name in plans}
+    seconds: dict[str, list[float]] = {name: [] for name in plans}
+    for index in range(replays):
+        order = replay.order(rng, trials * 40)
+        for name, (schedule, ranking) in plans.items():
+            history, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
+            histories[name].append(history)
+            seconds[name].append(spent)
+    return {"budget_samples": budget, "full_trial": full_trial, "histories": histories, "seconds": seconds}
+
+
+def summarize_budget(replay: Replay, run: dict[str, Any], points: int = 48) -> dict[str, Any]:
+    """Mean curves with standard errors, reach ratios and paired final differences for one budget."""
+    budget, histories = run["budget_samples"], run["histories"]
+    sample_grid = np.linspace(budget / points, budget, points)
+    curves = {n: np.array([replay.curve(h, sample_grid, 0) for h in hs]) for n, hs in histories.items()}
+    # device-seconds: multi-fidelity pays a merge and load per rung run, so at an equal sample budget it
+    # spends more; the grid runs to the longest mean spend, ratios are to full fidelity's
+    spent = statistics.mean(run["seconds"][FULL_FIDELITY])
+    longest = max(statistics.mean(values) for values in run["seconds"].values())
+    seconds_grid = np.linspace(longest / points, longest, points)
+    seconds_curves = {n: np.array([replay.curve(h, seconds_grid, 1) for h in hs]) for n, hs in histories.items()}
+    final_ff = curves[FULL_FIDELITY][:, -1]
+    target = float(np.nanmean(final_ff))
+
+    def reach(mean_curve: np.ndarray, grid: np.ndarray, total: float) -> float | None:
+        hits = np.nonzero(mean_curve >= target - 1e-12)[0]
+        return float(grid[hits[0]] / total) if hits.size else None
+
+    summary: dict[str, Any] = {"full_fidelity_final_mean": target, "strategies": {}}
+    for name, values in curves.items():
+        with warnings.catch_warnings():  # grid points before any replay's first incumbent are all NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(values, axis=0)
+            se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.sum(~np.isnan(values), axis=0))
+            seconds_mean = np.nanmean(seconds_curves[name], axis=0)
+        difference = values[:, -1] - final_ff
+        summary["strategies"][name] = {
+            "device_seconds_spent": statistics.mean(run["seconds"][name]),
+            "final_mean": float(mean[-1]),
+            "final_minus_full_fidelity": float(np.mean(difference)),
+            "paired_standard_error": float(np.std(difference, ddof=1) / np.sqrt(len(difference))),
+            "reach_ratio_samples": reach(mean, sample_grid, budget),
+            "reach_ratio_device_seconds": reach(seconds_mean, seconds_grid, spent),
+            "curve_samples": [round(float(x), 4) for x in mean],
+            "curve_standard_error": [round(float(x), 4) for x in se],
+            "curve_device_seconds": [round(float(x), 4) for x in seconds_mean],
+        }
+    summary["grid_full_trials"] = [round(float(g) / run["full_trial"], 3) for g in sample_grid]
+    summary["grid_device_seconds"] = [round(float(g), 1) for g in seconds_grid]
+    return summary
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Each budget's mean held-out curves against evaluated samples, with a band of one standard error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = summary["budgets"]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), sharey=True, squeeze=False)
+    for axis, (trials, budget) in zip(axes[0], budgets.items(), strict=True):
+        grid = budget["grid_full_trials"]
+        for name, strategy in budget["strategies"].items():
+            mean, se = np.array(strategy["curve_samples"]), np.array(strategy["curve_standard_error"])
+            (line,) = axis.plot(grid, mean, label=name, linestyle=":" if name in REFERENCES else "-")
+            axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+        axis.set_title(f"{trials} full-fidelity trials")
+        axis.set_xlabel("evaluated samples, in full-fidelity trials")
+    axes[0][0].set_ylabel("held-out accuracy of the incumbent")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", type=int, default=300)
-    parser.add_argument(
-        "--full-trials", type=int, nargs="+", default=[24, 48, 96], help="budgets, in full-fidelity trials"
-    )
-    parser.add_argument("--replays", type=int, default=300, help="random draw orders per budget")
+    parser.add_argument("--world", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--candidates", type=int, default=200, help="random plans in the pool")
+    parser.add_argument("--full-trials", type=int, nargs="+", default=[24, 48, 96], help="budgets")
+    parser.add_argument("--replays", type=int, default=300, help="draw orders per budget")
     parser.add_argument("--work-dir", default=".cache/bench/search-bound")
-    parser.add_argument("--results", default="bench/results/search_bound.json")
+    parser.add_argument("--results", default=None, help="default: bench/results/search_bound_<world>.json")
     args = parser.parse_args()
-    replay = Replay(measure_pool(args.candidates, Path(args.work_dir).absolute()))
-    rng = random.Random(0)
-    full_trial = MAX_SAMPLES * len(TASKS)  # samples in one full-fidelity trial
-    full, se = replay.full, standard_error(float(replay.full.max()), full_trial)
-    summary: dict = {
-        "candidates": len(full),
-        "score_range": [float(full.min()), float(full.max())],
-        "share_within_one_se_of_best": float((full >= full.max() - se).mean()),
-        "lowest_rung_keeps_best": replay.lowest_rung_keeps_best(rng, 2000),
-        "budgets": {},
-    }
-    for trials in args.full_trials:
-        ratios: dict[str, list[float]] = {name: [] for name in [*SCHEDULES, IDEAL] if name != "full-fidelity"}
-        full_needed = []
-        for _ in range(args.replays):
-            order = [rng.randrange(len(full)) for _ in range(trials * 40)]
-            history = {
-                name: replay.incumbents(order, s, oracle, trials * full_trial)
-                for name, (s, oracle) in SCHEDULES.items()
+    pool = Pool.open(args.world, Path(args.work_dir).absolute() / args.world)
+    plans = strategies(pool.resource)
+    with pool.scorer() as scorer:
+        pool.measure(args.candidates, scorer)
+        while True:  # every plan that is ever an incumbent needs its held-out score
+            replay, rng = Replay(pool, args.candidates), random.Random(0)
+            runs = {trials: replay_budget(replay, plans, trials, args.replays, rng) for trials in args.full_trials}
+            missing = {
+                plan
+                for run in runs.values()
+                for histories in run["histories"].values()
+                for history in histories
+                for _, _, plan in history
+                if np.isnan(replay.held_out[plan])
             }
-            final = history["full-fidelity"][-1][1]
-            target = final - standard_error(final, full_trial)
-            needed = {name: first_reaching(h, target, 1) for name, h in history.items()}
-            full_needed.append(needed["full-fidelity"] / full_trial)
-            for name in SCHEDULES.keys() - {"full-fidelity"}:
-                ratios[name].append(needed[name] / needed["full-fidelity"] if needed[name] else float("inf"))
-            # A schedule that looks at every plan it draws pays at least one lowest rung for each plan
-            # drawn before the first that reaches the target, plus that plan's full evaluation.
-            drawn = needed["full-fidelity"] // full_trial
-            ratios[IDEAL].append(((drawn - 1) * MIN_SAMPLES * len(TASKS) + full_trial) / needed["full-fidelity"])
-        summary["budgets"][trials] = {
-            "full_fidelity_trials_to_target": {
-                "mean": statistics.mean(full_needed),
-                "median": statistics.median(full_needed),
-            },
-            **{
-                name: {
-                    "reached": sum(r != float("inf") for r in values) / len(values),
-                    # over the replays that got there (None if none did); the median counts the others as worst
-                    "mean_ratio": statistics.mean(reached)
-                    if (reached := [r for r in values if r != float("inf")])
-                    else None,
-                    "median_ratio": statistics.median(values),
-                }
-                for name, values in ratios.items()
-            },
-        }
-    Path(args.results).write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary, indent=1))
+            if not missing:
+                break
+            pool.measure_held_out(missing, scorer)
+    random_plans = np.array(replay.random)
+    summary = {
+        "world": args.world,
+        "candidates": len(replay.random),
+        "initial_design": len(replay.initial),
+        "timings_replaced_by_the_median": int(replay.shared.sum()),
+        "pool_search_scores": {
+            "initial_best": float(replay.full[replay.initial].max()),
+            "random_quantiles": [float(q) for q in np.quantile(replay.full[random_plans], [0, 0.5, 0.9, 1])],
+        },
+        "rung_quality": replay.rung_quality(plans["asha"][0]),
+        "budgets": {trials: summarize_budget(replay, run) for trials, run in runs.items()},
+    }
+    results = Path(args.results or f"bench/results/search_bound_{args.world}.json")
+    results.write_text(json.dumps(summary, indent=1))
+    plot(summary, results.with_suffix(".png"))
+    for trials, budget in summary["budgets"].items():
+        print(f"{trials} full-fidelity trials: full fidelity ends at {budget['full_fidelity_final_mean']:.3f}")
+        for name, s in budget["strategies"].items():
+            print(
+                f"  {name:20s} final {s['final_mean']:.3f}  vs FF {s['final_minus_full_fidelity']:+.4f}"
+                f" ± {s['paired_standard_error']:.4f}  reach {s['reach_ratio_samples']}"
+                f" (seconds {s['reach_ratio_device_seconds']})"
+            )
 
 
 if __name__ == "__main__":

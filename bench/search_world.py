@@ -1,11 +1,25 @@
-"""The tiny-model world, the search strategies and the statistics that search_efficiency and search_bound share."""
+"""The worlds the search benchmarks run in (the tiny-model world, the SmolLM2 chat world), the search
+strategies, and the statistics that search_efficiency and search_bound share."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mergesearch_trial_runner.testbed.models import WorldSettings
+from mergesearch_trial_runner.evaluate import InMemoryModel, open_evaluator
+from mergesearch_trial_runner.evaluate.base import Evaluator
+from mergesearch_trial_runner.merge.engine import merge_to_state_dict
+from mergesearch_trial_runner.plan.ir import MergePlan
+from mergesearch_trial_runner.store import ModelStore
+from mergesearch_trial_runner.tasks import Sample, TaskSpec
+from mergesearch_trial_runner.testbed.models import WorldSettings, build_world
+
+CACHE = Path.home() / ".cache" / "mergesearch"
 
 TASKS = ("reverse", "sort", "shift")
 # Not the tests' world. There every task uses the same letters, the experts forget the other tasks, and
@@ -20,16 +34,49 @@ WORLD = WorldSettings(task_letters=("abcdefgh", "ijklmnop", "qrstuvwx"), expert_
 # has 0.58x the standard error (1/sqrt 3).
 MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
-# Spec sections per strategy, over the shared manifest below.
+# Spec sections per strategy, merged into each world's manifest.
 STRATEGIES = {
-    "multi-fidelity": {"search": {"sampler": "tpe", "multiFidelity": True}},
-    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {**FIDELITY, "brackets": 1}},
+    # Hyperband: brackets at least the number of rungs runs every bracket (the default, 1, is ASHA).
+    "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 10}},
+    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 1}},
     "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
     "random": {"search": {"sampler": "random", "multiFidelity": False}},
 }
 
 
-def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budget: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SearchWorld:
+    """A world the search benchmarks run in, and its searches' manifest."""
+
+    name: str
+    tasks: tuple[str, ...]
+    fidelity: dict[str, int]
+    test_samples: int  # held-out samples per task
+
+    @property
+    def max_samples(self) -> int:
+        return self.fidelity["maxSamples"]
+
+    def manifest(self, name: str, seed: int, strategy: dict[str, Any], sample_budget: int) -> dict[str, Any]:
+        """One search of `strategy` (sections of STRATEGIES) with `sample_budget` evaluated samples."""
+        if self.name == "smollm2":
+            from bench.real_llm_search import WORLD as CHAT_WORLD
+            from bench.real_llm_search import manifest as chat_manifest
+            from mergesearch_trial_runner.testbed.chat_world import build_chat_world
+
+            # the real-LLM benchmark's search: LFS's defaults, vLLM, its fidelity
+            document = chat_manifest(build_chat_world(CACHE, CHAT_WORLD), name, "LFS", seed, 1)
+        else:
+            document = _tiny_manifest(build_world(CACHE, WORLD), name)
+        spec = document["spec"]
+        spec["fidelity"] = dict(self.fidelity)
+        spec["budget"] = {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget}
+        for section, value in {"search": {"seed": seed}, **strategy}.items():
+            spec[section] = {**spec.get(section, {}), **value}
+        return document
+
+
+def _tiny_manifest(world, name: str) -> dict[str, Any]:
     return {
         "apiVersion": "mergesearch.io/v1alpha1",
         "kind": "MergeSearch",
@@ -46,13 +93,63 @@ def manifest(world, name: str, seed: int, strategy: dict[str, Any], sample_budge
                 "tensorGroups": [],
             },
             "objectives": world.manifest_objectives(TASKS, maxNewTokens=8),
-            "fidelity": FIDELITY,
-            "budget": {"maxTrials": 1000, "parallelTrials": 2, "maxSamples": sample_budget},
-            "search": {"seed": seed},
             "trial": {"backend": "hf", "engineArgs": {"device": "cpu"}, "timeoutSeconds": 900},
-        }
-        | {section: value | ({"seed": seed} if section == "search" else {}) for section, value in strategy.items()},
+        },
     }
+
+
+WORLDS = {
+    "tiny": SearchWorld("tiny", TASKS, FIDELITY, WORLD.test_samples),
+    # three rungs (20, 60, 180 samples per task), as bench.real_llm_search; 300 held-out samples per task
+    "smollm2": SearchWorld(
+        "smollm2", ("reverse", "sort", "add"), {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3}, 300
+    ),
+}
+
+
+class PlanScorer(contextlib.AbstractContextManager):
+    """Scores merge plans sample by sample: vLLM keeps one engine and merges each plan into it in place
+    (as a kept trial engine does); hf merges each plan into memory and loads it afresh."""
+
+    def __init__(self, backend: str, engine_args: dict[str, Any], base_dir: Path):
+        self.backend, self.engine_args, self.base_dir = backend, engine_args, base_dir
+        self.store = ModelStore()
+        self._engine: Evaluator | None = None
+
+    @contextlib.contextmanager
+    def _loaded(self, plan: MergePlan) -> Iterator[Evaluator]:
+        dirs = {name: self.store.fetch_model(uri) for name, uri in plan.models.items()}
+        if self.backend == "vllm":
+            assert self._engine is not None
+            self._engine.load_merge(plan, dirs, device="cpu", limit_bytes=None)  # type: ignore[attr-defined]
+            yield self._engine
+        else:
+            with open_evaluator(
+                "hf", model=InMemoryModel(*merge_to_state_dict(plan, model_dirs=dirs)), settings=self.engine_args
+            ) as model:
+                yield model
+
+    def score(self, plan: MergePlan, samples: dict[str, tuple[TaskSpec, list[Sample]]]) -> tuple[list[str], dict]:
+        """Each task's correctness as a string of 0/1 in sample order, and the seconds it took (the merge and
+        load once, the evaluation per sample; not the engine's start, which a kept engine pays once)."""
+        if self.backend == "vllm" and self._engine is None:
+            self._engine = open_evaluator("vllm", model=self.base_dir, settings=self.engine_args)
+            with self._loaded(plan):  # the first merge also reads the experts in: a kept engine's one-off
+                pass
+        started = time.perf_counter()
+        with self._loaded(plan) as model:
+            loaded = time.perf_counter()
+            bits = [
+                "".join("1" if r.correct else "0" for r in model.evaluate_samples(task=task, samples=task_samples))
+                for task, task_samples in samples.values()
+            ]
+        evaluated = sum(len(s) for _, s in samples.values())
+        seconds = {"load": loaded - started, "per_sample": (time.perf_counter() - loaded) / evaluated}
+        return bits, seconds
+
+    def __exit__(self, *exc: object) -> None:
+        if self._engine is not None:
+            self._engine.close()
 
 
 def first_reaching(history, target: float, index: int) -> int | None:
