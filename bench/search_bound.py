@@ -10,8 +10,8 @@ can matter for a curve (the initial design, and every plan that is ever an incum
 It then replays searches over the pool, one trial at a time, under the product's own `Schedule` and
 `promotable`: the initial design first, then random draws (TPE cannot be replayed over a fixed pool: a
 real search's TPE proposes plans the pool does not hold). Each draw order is run by every strategy -
-full fidelity, Hyperband, its most aggressive brackets down to ASHA (`fidelity.brackets: 1`, the
-default), and two references no real schedule reaches: ASHA with oracle rungs (every rung ranks a plan
+full fidelity, Hyperband (the default), its most aggressive brackets down to ASHA
+(`fidelity.brackets: 1`), and two references no real schedule reaches: ASHA with oracle rungs (every rung ranks a plan
 by its score on all maxSamples samples: no noise), and a clairvoyant search that pays one lowest rung for
 each plan it draws and the rest of maxSamples only for a plan that is the best so far on all of them - so
 strategies are compared on the same draws, as paired differences. A trial's device-seconds are the

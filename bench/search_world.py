@@ -36,8 +36,7 @@ MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
 # Spec sections per strategy, merged into each world's manifest.
 STRATEGIES = {
-    # Hyperband: brackets at least the number of rungs runs every bracket (the default, 1, is ASHA).
-    "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 10}},
+    "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}},  # every bracket, the default
     "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 1}},
     "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
     "random": {"search": {"sampler": "random", "multiFidelity": False}},
