@@ -30,6 +30,7 @@ from mergesearch_trial_runner.testbed.chat_world import ChatWorldSettings, build
 
 WORLD = ChatWorldSettings()
 TRIAL = {"backend": "vllm", "timeoutSeconds": 1800}
+FIDELITY = {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3}  # three rungs: 20, 60, 180 per task
 
 
 def manifest(
@@ -46,7 +47,7 @@ def manifest(
             "models": world.manifest_models(),
             "searchSpace": search_space,
             "objectives": world.manifest_objectives(chatTemplate=True, maxNewTokens=WORLD.max_new_tokens),
-            "fidelity": {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3},
+            "fidelity": dict(FIDELITY),
             "budget": {"maxTrials": trials, "parallelTrials": 2},
             "search": {"seed": seed},
             "trial": TRIAL,

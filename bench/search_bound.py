@@ -46,7 +46,7 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from bench.search_world import STRATEGIES, WORLDS, PlanScorer
+from bench.search_world import STRATEGIES, WORLDS, PlanScorer, mean_accuracy
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.hyperband import Schedule, promotable
 from mergesearch_operator.spaces.base import SearchSpace
@@ -143,13 +143,12 @@ class Pool:
             assert isinstance(plan, MergePlan), "LFS plans are never skipped"
             bits, seconds = scorer.score(plan, search)
             self.entries.append({"kind": kind, "params": params, "search": bits, "seconds": seconds, "test": None})
-            if kind == "initial":
-                self.entries[-1]["test"], _ = scorer.score(plan, self._samples("test"))
             self._save()
             print(
                 f"plan {index} ({kind}): {seconds['load']:.1f} s load, {seconds['per_sample'] * 1e3:.0f} ms/sample",
                 flush=True,
             )
+        self.measure_held_out({i for i, entry in enumerate(self.entries) if entry["kind"] == "initial"}, scorer)
 
     def measure_held_out(self, indices: set[int], scorer: PlanScorer) -> None:
         test = self._samples("test")
@@ -159,10 +158,6 @@ class Pool:
             self.entries[index]["test"], _ = scorer.score(plan, test)
             self._save()
             print(f"plan {index}: held-out measured", flush=True)
-
-
-def _mean_accuracy(bits: list[str]) -> float:
-    return float(np.mean([task.count("1") / len(task) for task in bits]))
 
 
 class Replay:
@@ -189,7 +184,7 @@ class Replay:
         )
         self.load_seconds[self.shared] = np.median(self.load_seconds[~self.shared])
         self.sample_seconds[self.shared] = np.median(self.sample_seconds[~self.shared])
-        self.held_out = np.array([np.nan if e["test"] is None else _mean_accuracy(e["test"]) for e in entries])
+        self.held_out = np.array([np.nan if e["test"] is None else mean_accuracy(e["test"]) for e in entries])
 
     def order(self, rng: random.Random, length: int) -> list[int]:
         return self.initial + [rng.choice(self.random) for _ in range(length)]
@@ -258,16 +253,16 @@ class Replay:
 
 
 def replay_budget(
-    replay: Replay, plans: dict[str, tuple[Schedule, str]], trials: int, replays: int, rng: random.Random
+    replay: Replay, schedules: dict[str, tuple[Schedule, str]], trials: int, replays: int, rng: random.Random
 ) -> dict[str, Any]:
     """Every strategy over the same `replays` draw orders, with a budget of `trials` full-fidelity trials."""
     full_trial = replay.top * replay.tasks
     budget = trials * full_trial
-    histories: dict[str, list] = {name: [] for name in plans}
-    seconds: dict[str, list[float]] = {name: [] for name in plans}
+    histories: dict[str, list] = {name: [] for name in schedules}
+    seconds: dict[str, list[float]] = {name: [] for name in schedules}
     for index in range(replays):
         order = replay.order(rng, trials * 40)
-        for name, (schedule, ranking) in plans.items():
+        for name, (schedule, ranking) in schedules.items():
             history, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
             histories[name].append(history)
             seconds[name].append(spent)
@@ -349,12 +344,12 @@ def main() -> None:
     parser.add_argument("--results", default=None, help="default: bench/results/search_bound_<world>.json")
     args = parser.parse_args()
     pool = Pool.open(args.world, Path(args.work_dir).absolute() / args.world)
-    plans = strategies(pool.resource)
+    schedules = strategies(pool.resource)
     with pool.scorer() as scorer:
         pool.measure(args.candidates, scorer)
         while True:  # every plan that is ever an incumbent needs its held-out score
             replay, rng = Replay(pool, args.candidates), random.Random(0)
-            runs = {trials: replay_budget(replay, plans, trials, args.replays, rng) for trials in args.full_trials}
+            runs = {trials: replay_budget(replay, schedules, trials, args.replays, rng) for trials in args.full_trials}
             missing = {
                 plan
                 for run in runs.values()
@@ -376,7 +371,7 @@ def main() -> None:
             "initial_best": float(replay.full[replay.initial].max()),
             "random_quantiles": [float(q) for q in np.quantile(replay.full[random_plans], [0, 0.5, 0.9, 1])],
         },
-        "rung_quality": replay.rung_quality(plans["asha"][0]),
+        "rung_quality": replay.rung_quality(schedules["asha"][0]),
         "budgets": {trials: summarize_budget(replay, run) for trials, run in runs.items()},
     }
     results = Path(args.results or f"bench/results/search_bound_{args.world}.json")

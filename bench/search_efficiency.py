@@ -32,7 +32,15 @@ from typing import Any
 
 import optuna
 
-from bench.search_world import STRATEGIES, WORLDS, PlanScorer, SearchWorld, first_reaching, standard_error
+from bench.search_world import (
+    STRATEGIES,
+    WORLDS,
+    PlanScorer,
+    SearchWorld,
+    first_reaching,
+    mean_accuracy,
+    standard_error,
+)
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.controller import result_key
 from mergesearch_operator.spec import parse_manifest
@@ -75,7 +83,7 @@ class HeldOut:
         key = plan.to_json()
         if key not in self.cache:
             bits, _ = self.scorer.score(plan, self.samples)
-            self.cache[key] = statistics.mean(task.count("1") / len(task) for task in bits)
+            self.cache[key] = mean_accuracy(bits)
         return self.cache[key]
 
 

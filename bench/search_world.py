@@ -11,12 +11,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.real_llm_search import FIDELITY as CHAT_FIDELITY
+from bench.real_llm_search import WORLD as CHAT_WORLD
+from bench.real_llm_search import manifest as chat_manifest
 from mergesearch_trial_runner.evaluate import InMemoryModel, open_evaluator
 from mergesearch_trial_runner.evaluate.base import Evaluator
 from mergesearch_trial_runner.merge.engine import merge_to_state_dict
 from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.store import ModelStore
 from mergesearch_trial_runner.tasks import Sample, TaskSpec
+from mergesearch_trial_runner.testbed.chat_world import build_chat_world
 from mergesearch_trial_runner.testbed.models import WorldSettings, build_world
 
 CACHE = Path.home() / ".cache" / "mergesearch"
@@ -59,10 +63,6 @@ class SearchWorld:
     def manifest(self, name: str, seed: int, strategy: dict[str, Any], sample_budget: int) -> dict[str, Any]:
         """One search of `strategy` (sections of STRATEGIES) with `sample_budget` evaluated samples."""
         if self.name == "smollm2":
-            from bench.real_llm_search import WORLD as CHAT_WORLD
-            from bench.real_llm_search import manifest as chat_manifest
-            from mergesearch_trial_runner.testbed.chat_world import build_chat_world
-
             # the real-LLM benchmark's search: LFS's defaults, vLLM, its fidelity
             document = chat_manifest(build_chat_world(CACHE, CHAT_WORLD), name, "LFS", seed, 1)
         else:
@@ -99,10 +99,7 @@ def _tiny_manifest(world, name: str) -> dict[str, Any]:
 
 WORLDS = {
     "tiny": SearchWorld("tiny", TASKS, FIDELITY, WORLD.test_samples),
-    # three rungs (20, 60, 180 samples per task), as bench.real_llm_search; 300 held-out samples per task
-    "smollm2": SearchWorld(
-        "smollm2", ("reverse", "sort", "add"), {"minSamples": 20, "maxSamples": 180, "reductionFactor": 3}, 300
-    ),
+    "smollm2": SearchWorld("smollm2", CHAT_WORLD.tasks, CHAT_FIDELITY, CHAT_WORLD.test_samples),
 }
 
 
@@ -149,6 +146,11 @@ class PlanScorer(contextlib.AbstractContextManager):
     def __exit__(self, *exc: object) -> None:
         if self._engine is not None:
             self._engine.close()
+
+
+def mean_accuracy(bits: list[str]) -> float:
+    """The mean over tasks of each task's accuracy, from its correctness string of 0/1 (`PlanScorer.score`)."""
+    return math.fsum(task.count("1") / len(task) for task in bits) / len(bits)
 
 
 def first_reaching(history, target: float, index: int) -> int | None:
