@@ -3,9 +3,10 @@
 The world (`mergesearch testbed --world smollm2`): SmolLM2-135M-Instruct and three experts, each fully
 fine-tuned on one chat task with exact answers (reverse words, sort numbers, add two numbers). Each
 search is a user's first manifest: the space's defaults (LFS: 4 layer groups, five methods, self_attn /
-mlp / rest; or DIS), the vLLM backend, Hyperband over 20 -> 180 samples per task. Its final stage scores
-the best merge, each expert alone and every hand recipe on the held-out split (300 samples per task);
-the base is scored once beside them. Each finished search is saved at once and skipped when the
+mlp / rest; or DIS), the vLLM backend, the default schedule over 20 -> 180 samples per task (the
+results on record ran Hyperband, the default then; it is ASHA now). Its final stage scores the best
+merge, each expert alone and every hand recipe on the held-out split (300 samples per task); the base is
+scored once beside them. Each finished search is saved at once and skipped when the
 benchmark runs again, so seeds and spaces can be added one at a time.
 
     python -m bench.real_llm_search [--space LFS|DIS] [--seeds 0 1 2] [--trials 60] [--scale-range LOW HIGH]

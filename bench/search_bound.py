@@ -10,20 +10,23 @@ can matter for a curve (the initial design, and every plan that is ever an incum
 It then replays searches over the pool, one trial at a time, under the product's own `Schedule` and
 `promotable`: the initial design first, then random draws (TPE cannot be replayed over a fixed pool: a
 real search's TPE proposes plans the pool does not hold). Each draw order is run by every strategy -
-full fidelity, Hyperband (the default), its most aggressive brackets down to ASHA
-(`fidelity.brackets: 1`), and two references no real schedule reaches: ASHA with oracle rungs (every rung ranks a plan
+full fidelity, Hyperband, its most aggressive brackets down to ASHA (`fidelity.brackets: 1`, the
+default), and two references no real schedule reaches: ASHA with oracle rungs (every rung ranks a plan
 by its score on all maxSamples samples: no noise), and a clairvoyant search that pays one lowest rung for
 each plan it draws and the rest of maxSamples only for a plan that is the best so far on all of them - so
 strategies are compared on the same draws, as paired differences. A trial's device-seconds are the
 plan's measured merge-and-load time for each run it makes plus its measured seconds per sample.
 
-Reported per budget (in full-fidelity trials): each strategy's mean held-out curve of its incumbent
-against evaluated samples and device-seconds, with its standard error over draw orders; where its mean
-curve first reaches full fidelity's final mean, as a ratio to the budget; and its final held-out score
-against full fidelity's, paired over draw orders. Also, how well each rung ranks the pool's random plans
+Reported per sample budget (in full-fidelity trials): each strategy's mean held-out curve of its
+incumbent against evaluated samples and device-seconds, with its standard error over draw orders; where
+its mean curve first reaches full fidelity's final mean, as a ratio to the budget; and its final held-out
+score against full fidelity's, paired over draw orders. Per trial budget (`budget.maxTrials`, the initial
+design included): the final held-out score against full fidelity's, paired, and the samples and
+device-seconds spent as shares of full fidelity's. Also, how well each rung ranks the pool's random plans
 (Spearman correlation with the top rung; share of the top 10 kept by successive halving).
 
-    python -m bench.search_bound --world smollm2 [--candidates 200] [--full-trials 24 48 96] [--replays 300]
+    python -m bench.search_bound --world smollm2 [--candidates 200] [--full-trials 24 48 96]
+        [--max-trials 30 60 120] [--replays 300]
     python -m bench.search_bound --world tiny [--candidates 300]
 
 The pool is kept in the work directory and extended, not redrawn, when --candidates grows; an
@@ -34,10 +37,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import statistics
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,17 @@ import numpy as np
 import optuna
 from scipy.stats import spearmanr
 
-from bench.search_world import STRATEGIES, WORLDS, PlanScorer, mean_accuracy
+from bench.search_world import (
+    STRATEGIES,
+    WORLDS,
+    PlanScorer,
+    curve_for_json,
+    mean_accuracy,
+    mean_curve,
+    paired_difference,
+    reach,
+    step_curve,
+)
 from mergesearch_operator.local import LocalSearch
 from mergesearch_operator.search.hyperband import Schedule, promotable
 from mergesearch_operator.spaces.base import SearchSpace
@@ -190,10 +203,11 @@ class Replay:
         return self.initial + [rng.choice(self.random) for _ in range(length)]
 
     def incumbents(
-        self, order: list[int], schedule: Schedule, ranking: str, budget: int, salt: str
-    ) -> tuple[list[tuple[int, float, int]], float]:
+        self, order: list[int], schedule: Schedule, ranking: str, budget: float, salt: str
+    ) -> tuple[list[tuple[int, float, int]], int, float]:
         """(samples used, device-seconds used, plan) each time a plan finished at the top rung with the best
-        score so far, until `budget` samples are used; and the device-seconds used by then."""
+        score so far, until `budget` samples are used or `order` has run out; and the samples and
+        device-seconds used by then."""
         arrivals: dict[tuple[int, int], list[float]] = {}  # (bracket, rung) -> scores that reached it
         used, seconds, best, history = 0, 0.0, float("-inf"), []
         for number, plan in enumerate(order):
@@ -206,7 +220,7 @@ class Replay:
                     best = self.full[plan]
                     history.append((used, seconds, plan))
                 if used >= budget:
-                    return history, seconds
+                    return history, used, seconds
                 continue
             bracket = schedule.bracket_of(number, salt)
             for rung in range(bracket, schedule.rungs):
@@ -222,15 +236,13 @@ class Replay:
                 elif not promotable(score, arrivals[bracket, rung], schedule.reduction_factor):
                     break
             if used >= budget:
-                return history, seconds
-        raise ValueError("the draw order ran out before the budget; draw more")
+                break
+        return history, used, seconds
 
     def curve(self, history: list[tuple[int, float, int]], grid: np.ndarray, axis: int) -> np.ndarray:
         """The incumbent's held-out score at each point of `grid` (axis 0: samples, 1: device-seconds)."""
-        used = np.array([entry[axis] for entry in history])
-        plans = np.array([entry[2] for entry in history])
-        at = np.searchsorted(used, grid, side="right") - 1
-        return np.where(at >= 0, self.held_out[plans[np.maximum(at, 0)]], np.nan)
+        plans = np.array([entry[2] for entry in history], dtype=int)
+        return step_curve(np.array([entry[axis] for entry in history]), self.held_out[plans], grid)
 
     def rung_quality(self, schedule: Schedule) -> list[dict[str, float]]:
         """Per rung below the top, over the random plans: Spearman correlation of rung scores with top-rung
@@ -263,10 +275,47 @@ def replay_budget(
     for index in range(replays):
         order = replay.order(rng, trials * 40)
         for name, (schedule, ranking) in schedules.items():
-            history, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
+            history, _, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
             histories[name].append(history)
             seconds[name].append(spent)
     return {"budget_samples": budget, "full_trial": full_trial, "histories": histories, "seconds": seconds}
+
+
+def replay_trial_budget(
+    replay: Replay, schedules: dict[str, tuple[Schedule, str]], trials: int, replays: int, rng: random.Random
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every schedule a search can run, over the same `replays` draw orders of `trials` trials (the initial
+    design included), as `budget.maxTrials` bounds a search: per schedule, each order's final incumbent and
+    the samples and device-seconds spent."""
+    names = [name for name in schedules if name not in REFERENCES]
+    run = {name: {"final": np.zeros(replays, dtype=int), "spent": np.zeros((replays, 2))} for name in names}
+    for index in range(replays):
+        order = replay.order(rng, trials - len(replay.initial))
+        for name in names:
+            schedule, ranking = schedules[name]
+            history, used, seconds = replay.incumbents(order, schedule, ranking, math.inf, salt=str(index))
+            run[name]["final"][index] = history[-1][2]
+            run[name]["spent"][index] = used, seconds
+    return run
+
+
+def summarize_trial_budget(replay: Replay, run: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The final held-out score against full fidelity's, paired, and the samples and device-seconds spent
+    as shares of full fidelity's."""
+    reference = run[FULL_FIDELITY]
+    summary = {}
+    for name, outcome in run.items():
+        difference, difference_se = paired_difference(
+            replay.held_out[outcome["final"]], replay.held_out[reference["final"]]
+        )
+        summary[name] = {
+            "final_mean": float(replay.held_out[outcome["final"]].mean()),
+            "final_minus_full_fidelity": difference,
+            "paired_standard_error": difference_se,
+            "samples_share": float(outcome["spent"][:, 0].mean() / reference["spent"][:, 0].mean()),
+            "device_seconds_share": float(outcome["spent"][:, 1].mean() / reference["spent"][:, 1].mean()),
+        }
+    return summary
 
 
 def summarize_budget(replay: Replay, run: dict[str, Any], points: int = 48) -> dict[str, Any]:
@@ -282,29 +331,21 @@ def summarize_budget(replay: Replay, run: dict[str, Any], points: int = 48) -> d
     seconds_curves = {n: np.array([replay.curve(h, seconds_grid, 1) for h in hs]) for n, hs in histories.items()}
     final_ff = curves[FULL_FIDELITY][:, -1]
     target = float(np.nanmean(final_ff))
-
-    def reach(mean_curve: np.ndarray, grid: np.ndarray, total: float) -> float | None:
-        hits = np.nonzero(mean_curve >= target - 1e-12)[0]
-        return float(grid[hits[0]] / total) if hits.size else None
-
     summary: dict[str, Any] = {"full_fidelity_final_mean": target, "strategies": {}}
     for name, values in curves.items():
-        with warnings.catch_warnings():  # grid points before any replay's first incumbent are all NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(values, axis=0)
-            se = np.nanstd(values, axis=0, ddof=1) / np.sqrt(np.sum(~np.isnan(values), axis=0))
-            seconds_mean = np.nanmean(seconds_curves[name], axis=0)
-        difference = values[:, -1] - final_ff
+        mean, se = mean_curve(values)
+        seconds_mean, _ = mean_curve(seconds_curves[name])
+        difference, difference_se = paired_difference(values[:, -1], final_ff)
         summary["strategies"][name] = {
             "device_seconds_spent": statistics.mean(run["seconds"][name]),
             "final_mean": float(mean[-1]),
-            "final_minus_full_fidelity": float(np.mean(difference)),
-            "paired_standard_error": float(np.std(difference, ddof=1) / np.sqrt(len(difference))),
-            "reach_ratio_samples": reach(mean, sample_grid, budget),
-            "reach_ratio_device_seconds": reach(seconds_mean, seconds_grid, spent),
-            "curve_samples": [round(float(x), 4) for x in mean],
-            "curve_standard_error": [round(float(x), 4) for x in se],
-            "curve_device_seconds": [round(float(x), 4) for x in seconds_mean],
+            "final_minus_full_fidelity": difference,
+            "paired_standard_error": difference_se,
+            "reach_ratio_samples": reach(mean, sample_grid, budget, target),
+            "reach_ratio_device_seconds": reach(seconds_mean, seconds_grid, spent, target),
+            "curve_samples": curve_for_json(mean),
+            "curve_standard_error": curve_for_json(se),
+            "curve_device_seconds": curve_for_json(seconds_mean),
         }
     summary["grid_full_trials"] = [round(float(g) / run["full_trial"], 3) for g in sample_grid]
     summary["grid_device_seconds"] = [round(float(g), 1) for g in seconds_grid]
@@ -323,7 +364,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     for axis, (trials, budget) in zip(axes[0], budgets.items(), strict=True):
         grid = budget["grid_full_trials"]
         for name, strategy in budget["strategies"].items():
-            mean, se = np.array(strategy["curve_samples"]), np.array(strategy["curve_standard_error"])
+            mean, se = (
+                np.array(strategy["curve_samples"], dtype=float),
+                np.array(strategy["curve_standard_error"], dtype=float),
+            )
             (line,) = axis.plot(grid, mean, label=name, linestyle=":" if name in REFERENCES else "-")
             axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
         axis.set_title(f"{trials} full-fidelity trials")
@@ -339,6 +383,7 @@ def main() -> None:
     parser.add_argument("--world", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--candidates", type=int, default=200, help="random plans in the pool")
     parser.add_argument("--full-trials", type=int, nargs="+", default=[24, 48, 96], help="budgets")
+    parser.add_argument("--max-trials", type=int, nargs="+", default=[30, 60, 120], help="trial budgets")
     parser.add_argument("--replays", type=int, default=300, help="draw orders per budget")
     parser.add_argument("--work-dir", default=".cache/bench/search-bound")
     parser.add_argument("--results", default=None, help="default: bench/results/search_bound_<world>.json")
@@ -350,14 +395,12 @@ def main() -> None:
         while True:  # every plan that is ever an incumbent needs its held-out score
             replay, rng = Replay(pool, args.candidates), random.Random(0)
             runs = {trials: replay_budget(replay, schedules, trials, args.replays, rng) for trials in args.full_trials}
-            missing = {
-                plan
-                for run in runs.values()
-                for histories in run["histories"].values()
-                for history in histories
-                for _, _, plan in history
-                if np.isnan(replay.held_out[plan])
+            trial_runs = {
+                trials: replay_trial_budget(replay, schedules, trials, args.replays, rng) for trials in args.max_trials
             }
+            plans = {plan for run in runs.values() for hs in run["histories"].values() for h in hs for _, _, plan in h}
+            plans |= {int(p) for run in trial_runs.values() for outcome in run.values() for p in outcome["final"]}
+            missing = {plan for plan in plans if np.isnan(replay.held_out[plan])}
             if not missing:
                 break
             pool.measure_held_out(missing, scorer)
@@ -373,6 +416,7 @@ def main() -> None:
         },
         "rung_quality": replay.rung_quality(schedules["asha"][0]),
         "budgets": {trials: summarize_budget(replay, run) for trials, run in runs.items()},
+        "trial_budgets": {trials: summarize_trial_budget(replay, run) for trials, run in trial_runs.items()},
     }
     results = Path(args.results or f"bench/results/search_bound_{args.world}.json")
     results.write_text(json.dumps(summary, indent=1))
@@ -384,6 +428,14 @@ def main() -> None:
                 f"  {name:20s} final {s['final_mean']:.3f}  vs FF {s['final_minus_full_fidelity']:+.4f}"
                 f" ± {s['paired_standard_error']:.4f}  reach {s['reach_ratio_samples']}"
                 f" (seconds {s['reach_ratio_device_seconds']})"
+            )
+    for trials, by_name in summary["trial_budgets"].items():
+        print(f"{trials} trials (budget.maxTrials):")
+        for name, s in by_name.items():
+            print(
+                f"  {name:20s} final {s['final_mean']:.3f}  vs FF {s['final_minus_full_fidelity']:+.4f}"
+                f" ± {s['paired_standard_error']:.4f}  samples {s['samples_share']:.2f}"
+                f"  seconds {s['device_seconds_share']:.2f}"
             )
 
 

@@ -1,19 +1,22 @@
-"""How many evaluated samples a search needs: multi-fidelity against full fidelity and random search.
+"""Real searches per strategy: the incumbent's held-out score against evaluated samples, over seeds.
 
 In a world of search_world.WORLDS - the tiny-model world (base, three experts, three tasks; WORLD there) or
-the SmolLM2-135M chat world of bench.real_llm_search (vLLM, 20 -> 180 samples per task) - for several seeds, four
-searches run with the same budget of evaluated samples (budget.maxSamples): the LFS search with
-Hyperband (min -> max samples, eta 3), the same with Hyperband's most aggressive bracket only (ASHA),
-the same search with every trial at max samples, and random search at max samples.
-Each search is a real `mergesearch run` (local executor, real merges, real evaluations). Afterwards
-every plan that was ever the incumbent (best at the top rung so far) is evaluated on the held-out test
-split, giving "best held-out score versus samples used" per search, and the samples each search needed
-to first reach the full-fidelity search's final best: on the held-out split, and on the search score
-at full fidelity (what the searches optimise; every incumbent's score is on all maxSamples samples).
-Also reported: the final best of each search against each expert alone, uniform task arithmetic and
-TIES on the held-out split.
+the SmolLM2-135M chat world of bench.real_llm_search (vLLM, 20 -> 180 samples per task) - for several
+seeds, four searches run with the same budget of evaluated samples (budget.maxSamples): LFS with TPE under
+Hyperband (every bracket), under ASHA (`fidelity.brackets: 1`), with every trial at max samples (full
+fidelity), and random search at max samples. Each is a real `mergesearch run` (local executor, real merges,
+real evaluations), stopped where its final stage would begin: the benchmark scores every plan that was
+ever the incumbent (best at the top rung so far), and the initial design, on the held-out split itself,
+with one kept engine. Bench.search_bound replays many more draw orders over a measured pool; these are the
+searches it cannot replay (TPE's own proposals).
 
-    python -m bench.search_efficiency [--world tiny|smollm2] [--seeds 0 1 ... 9] [--full-trials 24] [--summarize-only]
+Reported per strategy, over the seeds every chosen strategy has finished: the mean anytime curve of the
+incumbent's held-out score against evaluated samples with its standard error; where it first reaches
+full fidelity's final mean, as a share of the budget; the final held-out score against full fidelity's,
+paired by seed; and the initial design's held-out scores.
+
+    python -m bench.search_efficiency [--world tiny|smollm2] [--seeds 0 1 ... 9] [--full-trials 24]
+        [--strategies hyperband asha full-fidelity random] [--summarize-only]
 
 Finished searches are kept in the results file and not run again (delete it to start over).
 """
@@ -23,13 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from bench.search_world import (
@@ -37,15 +40,23 @@ from bench.search_world import (
     WORLDS,
     PlanScorer,
     SearchWorld,
-    first_reaching,
+    curve_for_json,
     mean_accuracy,
-    standard_error,
+    mean_curve,
+    paired_difference,
+    reach,
+    step_curve,
 )
 from mergesearch_operator.local import LocalSearch
-from mergesearch_operator.search.controller import result_key
+from mergesearch_operator.search.controller import SearchController, SearchStatus, result_key
+from mergesearch_operator.search.phases import Phase
+from mergesearch_operator.spaces.baselines import baselines
 from mergesearch_operator.spec import parse_manifest
 from mergesearch_trial_runner.store import ModelStore
 from mergesearch_trial_runner.tasks import load_splits
+
+FULL_FIDELITY = "full-fidelity"
+POINTS = 48  # grid points of the anytime curves
 
 
 def incumbents(study: optuna.Study, top_rung: int) -> list[tuple[int, int, float]]:
@@ -91,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", choices=sorted(WORLDS), default="tiny")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(10)))
+    parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument("--full-trials", type=int, default=24, help="the sample budget, in full-fidelity trials")
     parser.add_argument("--work-dir", default=None, help="default: .cache/bench/search (tiny), -<world> else")
     parser.add_argument("--results", default=None, help="default: bench/results/search_efficiency[_<world>].json")
@@ -102,20 +114,21 @@ def main() -> None:
     results = Path(args.results or f"bench/results/search_efficiency{suffix}.json")
     work = Path(args.work_dir or f".cache/bench/search{suffix.replace('_', '-')}").absolute()
     budget = args.full_trials * world.max_samples * len(world.tasks)
-    # Each finished search is saved at once and skipped when the benchmark is run again: a seed takes
-    # about 4 minutes on 2 cores, and seeds can be added one at a time.
+    # Each finished search is saved at once and skipped when the benchmark is run again: a tiny-world seed
+    # takes about 4 minutes on 2 cores, a SmolLM2 search about 15, and seeds can be added one at a time.
     runs: dict[str, dict[int, Any]] = {s: {} for s in STRATEGIES}
     if results.exists() and (saved := json.loads(results.read_text())).get("budget_samples") == budget:
         runs |= {s: {int(seed): run for seed, run in by_seed.items()} for s, by_seed in saved["runs"].items()}
     if not args.summarize_only:
-        run_searches(world, runs, args.seeds, budget, work, results)
-    seeds = sorted(seed for seed in runs["full-fidelity"] if all(seed in runs[s] for s in STRATEGIES))
-    if not seeds:
-        raise SystemExit(f"{results}: no seed has all of {list(STRATEGIES)} yet")
-    summary = summarize(world, runs, seeds, budget)
+        run_searches(world, runs, args.strategies, args.seeds, budget, work, results)
+    # summarized: the chosen strategies over the seeds that every one of them has finished
+    seeds = sorted(seed for seed in runs[FULL_FIDELITY] if all(seed in runs[s] for s in args.strategies))
+    if FULL_FIDELITY not in args.strategies or len(seeds) < 2:
+        raise SystemExit(f"{results}: the summary compares with {FULL_FIDELITY}, over at least 2 seeds")
+    summary = summarize(runs, args.strategies, seeds, budget, full_trial=budget // args.full_trials)
     save(results, runs, budget, summary)
-    plot(runs, seeds, budget, Path(args.plot or results.with_suffix(".png")))
-    print(json.dumps(summary, indent=2))
+    plot(summary, Path(args.plot or results.with_suffix(".png")))
+    print(json.dumps({k: v for k, v in summary.items() if k != "grid_full_trials"}, indent=1))
 
 
 def save(results: Path, runs: dict[str, dict[int, Any]], budget: int, summary: dict[str, Any] | None = None) -> None:
@@ -124,28 +137,47 @@ def save(results: Path, runs: dict[str, dict[int, Any]], budget: int, summary: d
     results.write_text(json.dumps(data, indent=1, default=str))
 
 
+def search_until_final(search: LocalSearch) -> tuple[SearchStatus, SearchController]:
+    """Run a search until its final stage, and stop it there. The benchmark scores every incumbent and
+    the baselines on the held-out split itself, with one kept engine (HeldOut); the product's final stage
+    would start a run per baseline for the same numbers, about 6 minutes per SmolLM2 search."""
+    controller = search.controller()
+    try:
+        while not (status := controller.reconcile()).phase.finished and status.phase is not Phase.FINALIZING:
+            time.sleep(0.5)
+    finally:
+        controller.executor.close()
+    if status.phase is Phase.FAILED:
+        raise RuntimeError(f"{search.name}: {status.message}")
+    return status, controller
+
+
 def run_searches(
-    world: SearchWorld, runs: dict[str, dict[int, Any]], seeds: list[int], budget: int, work: Path, results: Path
+    world: SearchWorld,
+    runs: dict[str, dict[int, Any]],
+    strategies: list[str],
+    seeds: list[int],
+    budget: int,
+    work: Path,
+    results: Path,
 ) -> None:
     with contextlib.ExitStack() as closing:
         held_out: HeldOut | None = None  # opened for the first search: every search has the same models
         for seed in seeds:
-            for strategy, settings in STRATEGIES.items():
+            for strategy in strategies:
                 if seed in runs[strategy]:
                     continue
                 name = f"{strategy}-{seed}"
-                resource = parse_manifest(world.manifest(name, seed, settings, budget))
+                resource = parse_manifest(world.manifest(name, seed, STRATEGIES[strategy], budget))
                 if held_out is None:
                     held_out = HeldOut(resource)
                     closing.enter_context(held_out.scorer)
                 # A fresh study: an old one left in the work directory would be resumed, and being finished,
                 # would hand back its old results for what is meant to be a new run.
                 shutil.rmtree(work / name, ignore_errors=True)
-                search = LocalSearch.for_manifest(resource, work_dir=work / name)
                 started = time.monotonic()
-                status = search.run(lambda _status: None)
+                status, controller = search_until_final(LocalSearch.for_manifest(resource, work_dir=work / name))
                 seconds = round(time.monotonic() - started, 1)
-                controller = search.inspect()
                 plan_of = controller.space.plan_of
                 history = [
                     (used, number, value, held_out(plan_of(controller.study.trials[number].params)))
@@ -156,93 +188,79 @@ def run_searches(
                     "samples_used": status.samples_used,
                     "trials": status.trials,
                     "history": history,
-                    "final_held_out": {label: statistics.mean(v.values()) for label, v in status.final.items()},
+                    "final_held_out": {
+                        "best": history[-1][3],
+                        **{label: held_out(plan) for label, plan in baselines(controller.facts).items()},
+                    },
                 }
                 save(results, runs, budget)
                 print(name, seconds, "s", history[-1] if history else None, flush=True)
 
 
-def summarize(world: SearchWorld, runs: dict[str, dict[int, Any]], seeds: list[int], budget: int) -> dict[str, Any]:
-    """Per seed, the samples each search needed to reach the full-fidelity search's final best, on the
-    held-out split and on the search score at full fidelity (every incumbent's score is at maxSamples):
-    exactly, and to within one standard error of it (scores that close are not told apart by the data,
-    so "reaching" an exact value partly measures luck)."""
-    # What each score is measured on: all tasks' test splits, or every task's first maxSamples search samples.
-    metrics = {
-        "held_out": (3, len(world.tasks) * world.test_samples),
-        "search_score": (2, len(world.tasks) * world.max_samples),
+def summarize(
+    runs: dict[str, dict[int, Any]], strategies: list[str], seeds: list[int], budget: int, full_trial: int
+) -> dict[str, Any]:
+    """Per strategy, over seeds: the mean anytime curve of the incumbent's held-out score against evaluated
+    samples with its standard error, where it first reaches full fidelity's final mean (as a share of the
+    budget), and the final held-out score against full fidelity's, paired by seed."""
+    # Runs in flight when the budget ran out finish past it: the grid runs to the last incumbent found.
+    end = max([budget] + [runs[s][seed]["history"][-1][0] for s in strategies for seed in seeds])
+    grid = np.linspace(end / POINTS, end, POINTS)
+    curves = {
+        s: np.array(
+            [
+                step_curve(np.array([h[0] for h in history]), np.array([h[3] for h in history]), grid)
+                for history in (runs[s][seed]["history"] for seed in seeds)
+            ]
+        )
+        for s in strategies
     }
-    summary: dict[str, Any] = {"budget_samples": budget, "seeds": seeds, "per_seed": {}}
-    criteria = ("exact", "within_one_se")
-    ratios = {(s, m, c): [] for s in STRATEGIES for m in metrics for c in criteria}
-    for seed in seeds:
-        full = runs["full-fidelity"][seed]["history"]
-        row: dict[str, Any] = {}
-        for metric, (index, samples) in metrics.items():
-            target = full[-1][index]  # full fidelity's final incumbent, chosen by its search score
-            se = standard_error(target, samples)
-            row[metric] = {"target": target, "standard_error": se}
-            for criterion, threshold in zip(criteria, (target, target - se), strict=True):
-                full_needed = first_reaching(full, threshold, index)
-                row[metric][criterion] = {}
-                for strategy in STRATEGIES:
-                    history = runs[strategy][seed]["history"]
-                    needed = first_reaching(history, threshold, index)
-                    row[metric][criterion][strategy] = needed
-                    if needed is not None:
-                        ratios[strategy, metric, criterion].append(needed / full_needed)
-            row[metric]["final_best"] = {s: runs[s][seed]["history"][-1][index] for s in STRATEGIES}
-        summary["per_seed"][seed] = row
-    summary["mean_ratio_of_samples_to_reach_full_fidelity_best"] = {
-        f"{metric}/{criterion}": {
-            s: (
-                statistics.mean(ratios[s, metric, criterion])
-                if len(ratios[s, metric, criterion]) == len(seeds)
-                else None
-            )
-            for s in STRATEGIES
+    final_ff = curves[FULL_FIDELITY][:, -1]
+    target = float(np.mean(final_ff))
+    summary: dict[str, Any] = {"budget_samples": budget, "seeds": seeds, "full_fidelity_final_mean": target}
+    summary["strategies"] = {}
+    for strategy, values in curves.items():
+        mean, se = mean_curve(values)
+        difference, difference_se = paired_difference(values[:, -1], final_ff)
+        summary["strategies"][strategy] = {
+            "final_mean": float(mean[-1]),
+            "final_minus_full_fidelity": difference,
+            "paired_standard_error": difference_se,
+            "reach_ratio_samples": reach(mean, grid, budget, target),
+            "final_search_score_mean": statistics.mean(runs[strategy][seed]["history"][-1][2] for seed in seeds),
+            "candidates_mean": statistics.mean(
+                runs[strategy][seed]["trials"]["completed"] + runs[strategy][seed]["trials"]["pruned"] for seed in seeds
+            ),
+            "seconds_mean": statistics.mean(runs[strategy][seed]["seconds"] for seed in seeds),
+            "curve_samples": curve_for_json(mean),
+            "curve_standard_error": curve_for_json(se),
         }
-        for metric in metrics
-        for criterion in criteria
-    }
-    summary["seeds_reaching_the_target"] = {
-        f"{metric}/{criterion}": {s: len(ratios[s, metric, criterion]) for s in STRATEGIES}
-        for metric in metrics
-        for criterion in criteria
-    }
-    fixed = runs["full-fidelity"][seeds[0]]["final_held_out"]  # the same plans in every run
-    summary["held_out_comparison"] = {
-        # each search's final incumbent (chosen by its search score, never by the held-out split)
-        **{s: statistics.mean(runs[s][seed]["history"][-1][3] for seed in seeds) for s in STRATEGIES},
-        **{label: value for label, value in fixed.items() if label != "best"},
-    }
+    summary["grid_full_trials"] = [round(float(g) / full_trial, 3) for g in grid]
+    fixed = runs[FULL_FIDELITY][seeds[0]]["final_held_out"]  # the same plans in every run
+    summary["baselines_held_out"] = {label: value for label, value in fixed.items() if label != "best"}
     return summary
 
 
-def plot(runs, seeds, budget, path: Path) -> None:
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """The mean held-out curves against evaluated samples, with a band of one standard error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    columns = min(3, len(seeds))
-    rows = math.ceil(len(seeds) / columns)
-    fig, grid = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), sharey=True, squeeze=False)
-    axes = list(grid.flat)
-    for axis in axes[len(seeds) :]:
-        axis.set_visible(False)
-    for axis, seed in zip(axes, seeds, strict=False):
-        for strategy, color in zip(STRATEGIES, ("tab:blue", "tab:green", "tab:orange", "tab:gray"), strict=True):
-            history = runs[strategy][seed]["history"]
-            xs = [used for used, *_ in history]
-            xs.append(max([budget, *xs]))  # the runs in flight when the budget ran out finish past it
-            ys = [score for *_, score in history] + ([history[-1][3]] if history else [])
-            axis.step(xs, ys, where="post", label=strategy, color=color)
-        axis.set_title(f"seed {seed}")
-        axis.set_xlabel("samples evaluated")
-    for row in grid:
-        row[0].set_ylabel("held-out accuracy of the incumbent")
-    axes[0].legend()
+    fig, axis = plt.subplots(figsize=(6, 4))
+    grid = summary["grid_full_trials"]
+    for name, strategy in summary["strategies"].items():
+        mean, se = (
+            np.array(strategy["curve_samples"], dtype=float),
+            np.array(strategy["curve_standard_error"], dtype=float),
+        )
+        (line,) = axis.plot(grid, mean, label=name)
+        axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+    axis.set_title(f"real searches, {len(summary['seeds'])} seeds")
+    axis.set_xlabel("evaluated samples, in full-fidelity trials")
+    axis.set_ylabel("held-out accuracy of the incumbent")
+    axis.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

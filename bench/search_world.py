@@ -1,15 +1,19 @@
 """The worlds the search benchmarks run in (the tiny-model world, the SmolLM2 chat world), the search
-strategies, and the statistics that search_efficiency and search_bound share."""
+strategies, and the statistics that search_efficiency and search_bound share: anytime curves of the
+incumbent's held-out score, their means over seeds (or draw orders), reach ratios and paired differences."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from bench.real_llm_search import FIDELITY as CHAT_FIDELITY
 from bench.real_llm_search import WORLD as CHAT_WORLD
@@ -40,8 +44,8 @@ MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
 # Spec sections per strategy, merged into each world's manifest.
 STRATEGIES = {
-    "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}},  # every bracket, the default
-    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 1}},
+    "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": None}},  # all
+    "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 1}},  # the default
     "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
     "random": {"search": {"sampler": "random", "multiFidelity": False}},
 }
@@ -153,11 +157,35 @@ def mean_accuracy(bits: list[str]) -> float:
     return math.fsum(task.count("1") / len(task) for task in bits) / len(bits)
 
 
-def first_reaching(history, target: float, index: int) -> int | None:
-    """Samples used when an incumbent first scored at least `target` (index 2: search score, 3: held-out)."""
-    return next((entry[0] for entry in history if entry[index] >= target - 1e-9), None)
+def step_curve(used: np.ndarray, scores: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """The incumbent's score at each point of `grid`: that of the last incumbent found with at most that
+    much used (`used` ascending), NaN before the first."""
+    at = np.searchsorted(used, grid, side="right") - 1
+    return np.where(at >= 0, scores[np.maximum(at, 0)], np.nan) if len(used) else np.full(len(grid), np.nan)
 
 
-def standard_error(score: float, samples: int) -> float:
-    """The binomial standard error of a mean accuracy `score` measured on `samples` samples."""
-    return math.sqrt(score * (1 - score) / samples)
+def mean_curve(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error over rows (seeds, draw orders) at each grid point; a row counts from its
+    first incumbent on."""
+    with warnings.catch_warnings():  # grid points before every row's first incumbent are all NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(curves, axis=0)
+        se = np.nanstd(curves, axis=0, ddof=1) / np.sqrt(np.sum(~np.isnan(curves), axis=0))
+    return mean, se
+
+
+def reach(mean: np.ndarray, grid: np.ndarray, total: float, target: float) -> float | None:
+    """Where the mean curve first reaches `target`, as a share of `total`; None if it never does."""
+    hits = np.nonzero(mean >= target - 1e-12)[0]
+    return float(grid[hits[0]] / total) if hits.size else None
+
+
+def curve_for_json(curve: np.ndarray) -> list[float | None]:
+    """Rounded, with None (JSON null) where no incumbent was found yet."""
+    return [None if np.isnan(x) else round(float(x), 4) for x in curve]
+
+
+def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """Mean of values - reference, paired by row, and its standard error."""
+    difference = np.asarray(values) - np.asarray(reference)
+    return float(np.mean(difference)), float(np.std(difference, ddof=1) / np.sqrt(len(difference)))

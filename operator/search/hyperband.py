@@ -7,7 +7,8 @@ its trials at rung `b`, so bracket 0 is the most aggressive and the last bracket
 full fidelity. Trials are spread over brackets in proportion to Hyperband's allocation, by a hash of the
 trial number (deterministic across restarts). `fidelity.brackets` keeps only the most aggressive
 brackets: Hyperband's later brackets hedge against a lowest rung too noisy to rank by, at the price of
-screening fewer candidates; with 1, every trial starts at the lowest rung (plain ASHA).
+screening fewer candidates; with 1 (the default, which the benchmarks chose), every trial starts at the
+lowest rung (plain ASHA).
 
 Promotion is asynchronous successive halving (ASHA): when a trial's rung result arrives it is promoted
 if it is in the top 1/eta of the trials of its bracket that have reached that rung so far (the first

@@ -54,6 +54,17 @@ def test_no_brackets():
     assert e.field == "spec.fidelity.brackets" and "greater than or equal to 1" in str(e)
 
 
+def test_a_study_accepted_before_asha_was_the_default_keeps_every_bracket():
+    from mergesearch_operator.search.study import defining, effective_spec
+
+    spec = parse_manifest(copy.deepcopy(BASE_MANIFEST)).spec
+    assert spec.fidelity.brackets == 1  # ASHA unless the manifest says otherwise
+    accepted = defining(spec)
+    accepted["fidelity"]["brackets"] = None  # what such a study stored: the default was null, every bracket
+    effective, refused = effective_spec(spec, accepted)
+    assert refused == ["fidelity"] and effective.fidelity.brackets is None
+
+
 def test_unknown_method():
     e = error(spec__searchSpace={"type": "LFS", "methods": ["linear", "frankenmerge"]})
     assert e.field == "spec.searchSpace.methods[1]" and "'task_arithmetic'" in str(e)
