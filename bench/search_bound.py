@@ -275,7 +275,9 @@ def replay_budget(
     for index in range(replays):
         order = replay.order(rng, trials * 40)
         for name, (schedule, ranking) in schedules.items():
-            history, _, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
+            history, used, spent = replay.incumbents(order, schedule, ranking, budget, salt=str(index))
+            if used < budget:
+                raise ValueError("the draw order ran out before the budget; draw more")
             histories[name].append(history)
             seconds[name].append(spent)
     return {"budget_samples": budget, "full_trial": full_trial, "histories": histories, "seconds": seconds}
