@@ -50,10 +50,13 @@ import optuna
 from scipy.stats import spearmanr
 
 from bench.search_world import (
+    CURVE_POINTS,
+    FULL_FIDELITY,
     STRATEGIES,
     WORLDS,
     PlanScorer,
     curve_for_json,
+    draw_curves,
     mean_accuracy,
     mean_curve,
     paired_difference,
@@ -68,7 +71,6 @@ from mergesearch_trial_runner.plan.ir import MergePlan
 from mergesearch_trial_runner.store import ModelStore
 from mergesearch_trial_runner.tasks import Sample, TaskSpec, load_splits, sample_range
 
-FULL_FIDELITY = "full-fidelity"
 RUNGS, ORACLE, CLAIRVOYANT = "rungs", "oracle", "clairvoyant"
 REFERENCES = ("asha, oracle rungs", CLAIRVOYANT)  # not schedules a search can run
 TOP_PLANS = 10  # the rung-quality report follows the pool's best 10 plans through successive halving
@@ -320,7 +322,7 @@ def summarize_trial_budget(replay: Replay, run: dict[str, dict[str, np.ndarray]]
     return summary
 
 
-def summarize_budget(replay: Replay, run: dict[str, Any], points: int = 48) -> dict[str, Any]:
+def summarize_budget(replay: Replay, run: dict[str, Any], points: int = CURVE_POINTS) -> dict[str, Any]:
     """Mean curves with standard errors, reach ratios and paired final differences for one budget."""
     budget, histories = run["budget_samples"], run["histories"]
     sample_grid = np.linspace(budget / points, budget, points)
@@ -364,14 +366,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     budgets = summary["budgets"]
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), sharey=True, squeeze=False)
     for axis, (trials, budget) in zip(axes[0], budgets.items(), strict=True):
-        grid = budget["grid_full_trials"]
-        for name, strategy in budget["strategies"].items():
-            mean, se = (
-                np.array(strategy["curve_samples"], dtype=float),
-                np.array(strategy["curve_standard_error"], dtype=float),
-            )
-            (line,) = axis.plot(grid, mean, label=name, linestyle=":" if name in REFERENCES else "-")
-            axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+        draw_curves(axis, budget["grid_full_trials"], budget["strategies"], dotted=REFERENCES)
         axis.set_title(f"{trials} full-fidelity trials")
         axis.set_xlabel("evaluated samples, in full-fidelity trials")
     axes[0][0].set_ylabel("held-out accuracy of the incumbent")

@@ -36,11 +36,14 @@ import numpy as np
 import optuna
 
 from bench.search_world import (
+    CURVE_POINTS,
+    FULL_FIDELITY,
     STRATEGIES,
     WORLDS,
     PlanScorer,
     SearchWorld,
     curve_for_json,
+    draw_curves,
     mean_accuracy,
     mean_curve,
     paired_difference,
@@ -54,9 +57,6 @@ from mergesearch_operator.spaces.baselines import baselines
 from mergesearch_operator.spec import parse_manifest
 from mergesearch_trial_runner.store import ModelStore
 from mergesearch_trial_runner.tasks import load_splits
-
-FULL_FIDELITY = "full-fidelity"
-POINTS = 48  # grid points of the anytime curves
 
 
 def incumbents(study: optuna.Study, top_rung: int) -> list[tuple[int, int, float]]:
@@ -205,7 +205,7 @@ def summarize(
     budget), and the final held-out score against full fidelity's, paired by seed."""
     # Runs in flight when the budget ran out finish past it: the grid runs to the last incumbent found.
     end = max([budget] + [runs[s][seed]["history"][-1][0] for s in strategies for seed in seeds])
-    grid = np.linspace(end / POINTS, end, POINTS)
+    grid = np.linspace(end / CURVE_POINTS, end, CURVE_POINTS)
     curves = {
         s: np.array(
             [
@@ -249,14 +249,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axis = plt.subplots(figsize=(6, 4))
-    grid = summary["grid_full_trials"]
-    for name, strategy in summary["strategies"].items():
-        mean, se = (
-            np.array(strategy["curve_samples"], dtype=float),
-            np.array(strategy["curve_standard_error"], dtype=float),
-        )
-        (line,) = axis.plot(grid, mean, label=name)
-        axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
+    draw_curves(axis, summary["grid_full_trials"], summary["strategies"])
     axis.set_title(f"real searches, {len(summary['seeds'])} seeds")
     axis.set_xlabel("evaluated samples, in full-fidelity trials")
     axis.set_ylabel("held-out accuracy of the incumbent")

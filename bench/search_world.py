@@ -42,11 +42,13 @@ WORLD = WorldSettings(task_letters=("abcdefgh", "ijklmnop", "qrstuvwx"), expert_
 # has 0.58x the standard error (1/sqrt 3).
 MIN_SAMPLES, MAX_SAMPLES, ETA = 20, 540, 3
 FIDELITY = {"minSamples": MIN_SAMPLES, "maxSamples": MAX_SAMPLES, "reductionFactor": ETA}
+FULL_FIDELITY = "full-fidelity"  # the strategy the others are compared with
+CURVE_POINTS = 48  # grid points of the anytime curves
 # Spec sections per strategy, merged into each world's manifest.
 STRATEGIES = {
     "hyperband": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": None}},  # all
     "asha": {"search": {"sampler": "tpe", "multiFidelity": True}, "fidelity": {"brackets": 1}},  # the default
-    "full-fidelity": {"search": {"sampler": "tpe", "multiFidelity": False}},
+    FULL_FIDELITY: {"search": {"sampler": "tpe", "multiFidelity": False}},
     "random": {"search": {"sampler": "random", "multiFidelity": False}},
 }
 
@@ -183,6 +185,15 @@ def reach(mean: np.ndarray, grid: np.ndarray, total: float, target: float) -> fl
 def curve_for_json(curve: np.ndarray) -> list[float | None]:
     """Rounded, with None (JSON null) where no incumbent was found yet."""
     return [None if np.isnan(x) else round(float(x), 4) for x in curve]
+
+
+def draw_curves(axis: Any, grid: list[float], strategies: dict[str, dict[str, Any]], dotted=()) -> None:
+    """Each strategy's mean curve (`curve_samples`) on `axis`, with a band of one standard error."""
+    for name, strategy in strategies.items():
+        mean = np.array(strategy["curve_samples"], dtype=float)  # None (no incumbent yet) becomes NaN
+        se = np.array(strategy["curve_standard_error"], dtype=float)
+        (line,) = axis.plot(grid, mean, label=name, linestyle=":" if name in dotted else "-")
+        axis.fill_between(grid, mean - se, mean + se, color=line.get_color(), alpha=0.2)
 
 
 def paired_difference(values: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
