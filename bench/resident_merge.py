@@ -11,13 +11,16 @@ Two measurements, each in one run:
   going first; each host's first resident trial (reading the experts, sorting TIES's task vectors) is
   timed apart. Reported: medians of each phase, the fixed share (everything but evaluating, over the
   trial's whole life) and the trial's time as a ratio to `written`.
+- `smollm2_hf`: the same with the `hf` backend (transformers, bf16, batches of 64). `own_model`: the
+  trial merges into memory and loads a model of its own (`keep_engine: false`, the path before hf's
+  engine host); `resident`: the engine host keeps the loaded model and merges into its parameters.
 - `llama1b`: merge-to-ready at Llama-3.2-1B's shapes (random bf16 weights made here: a base and three
   experts, 2.5 GB each), task arithmetic of the three, into a running vLLM CPU engine: `written`
   (merge_to_directory, then the engine reloads the directory) against `resident` (`load_merge`), with
   each path's peak resident memory above what the process held before it, and what the resident
   experts hold. `written` runs first, so that the page cache holds its checkpoints.
 
-    python -m bench.resident_merge [--part smollm2 llama1b] [--rounds 4]
+    python -m bench.resident_merge [--part smollm2 smollm2_hf llama1b] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -72,7 +76,17 @@ def with_method(plan: MergePlan, method: str) -> MergePlan:
     return MergePlan.model_validate(data)
 
 
-def smollm2(rounds: int, samples: int) -> dict:
+# Per backend, today's path (the ratio's denominator) and the resident one, as trial settings.
+MODES = {
+    "vllm": {"written": {"merge_in_place": False}, "resident": {}},
+    "hf": {
+        "own_model": {"device": "cpu", "batch_size": 64, "keep_engine": False},
+        "resident": {"device": "cpu", "batch_size": 64},
+    },
+}
+
+
+def smollm2(rounds: int, samples: int, backend: str) -> dict:
     from mergesearch_operator.executors.local import LocalExecutor
 
     root = Path(".cache/bench/merge").absolute()
@@ -87,7 +101,8 @@ def smollm2(rounds: int, samples: int) -> dict:
         "answer_pattern": r"(-?\d+)\D*$",
     }
     plans = {method: with_method(ties_plan(root), method) for method in ("ties", "dare_ties", "linear")}
-    modes = {"written": {"merge_in_place": False}, "resident": {}}
+    modes = MODES[backend]
+    before = next(iter(modes))
 
     def spec_for(plan: str, mode: str, name: str) -> TrialSpec:
         return TrialSpec(
@@ -95,7 +110,7 @@ def smollm2(rounds: int, samples: int) -> dict:
             plan=plans[plan],
             tasks=[task],
             ranges={"arith": (0, samples)},
-            backend="vllm",
+            backend=backend,
             engine_args=modes[mode],
             device="cpu",
             cache_dir=str(scratch / "cache"),
@@ -105,6 +120,7 @@ def smollm2(rounds: int, samples: int) -> dict:
     def row(result: TrialResult, wall: float) -> dict:
         timings = dict(result.timings)
         return {
+            "name": result.name,
             "merge": timings.get("merge", 0.0),
             "load": timings["load"],
             "evaluate": timings["evaluate"],
@@ -113,11 +129,14 @@ def smollm2(rounds: int, samples: int) -> dict:
             "generated_tokens": result.generated_tokens,
         }
 
-    executor = LocalExecutor(scratch / "work", timeout_seconds=600, cache_dir=scratch / "cache", backend="vllm")
+    executor = LocalExecutor(scratch / "work", timeout_seconds=600, cache_dir=scratch / "cache", backend=backend)
     results: dict = {}
     try:
-        # The engine starts, then the resident experts are read and TIES's task vectors sorted: timed apart.
+        # The engine starts (the first run that asks the host), then the resident experts are read and TIES's
+        # task vectors sorted (the first merge in place): both timed apart.
         first = {mode: row(*run_forked(executor, spec_for("ties", mode, f"first-{mode}"))) for mode in modes}
+        if "keep_engine" in modes[before]:  # today's path starts no engine in the host: the first merge is next
+            first["resident, experts read"] = row(*run_forked(executor, spec_for("ties", "resident", "first-read")))
         print("first", json.dumps(first), flush=True)
         for plan in plans:
             runs: dict[str, list[dict]] = {mode: [] for mode in modes}
@@ -126,10 +145,14 @@ def smollm2(rounds: int, samples: int) -> dict:
                 for mode in order:
                     runs[mode].append(row(*run_forked(executor, spec_for(plan, mode, f"{plan}-{mode}-{round_}"))))
                 print(plan, round_, json.dumps({m: r[-1] for m, r in runs.items()}), flush=True)
-            medians = {m: {k: statistics.median(r[k] for r in rows) for k in rows[0]} for m, rows in runs.items()}
+            in_host(runs["resident"], executor.engine_host_log.read_text())
+            medians = {
+                m: {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "name"}
+                for m, rows in runs.items()
+            }
             results[plan] = {
                 "medians": medians,
-                "resident_over_written": round(medians["resident"]["wall"] / medians["written"]["wall"], 3),
+                f"resident_over_{before}": round(medians["resident"]["wall"] / medians[before]["wall"], 3),
                 "rounds": runs,
             }
         results["first_runs"] = first
@@ -139,6 +162,19 @@ def smollm2(rounds: int, samples: int) -> dict:
         executor.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return results
+
+
+def in_host(rows: list[dict], log: str) -> None:
+    """Add to each resident run's row the engine host's own split of its load: computing the merge and the
+    engine's loading of it (the host's log line for the run)."""
+    split = {
+        match[1]: (float(match[2]), float(match[3]))
+        for match in re.finditer(
+            r"merged in place for \S*/runs/([^/]+)/scratch/merged in \S+ s \(merge (\S+) s, load (\S+) s\)", log
+        )
+    }
+    for row in rows:
+        row["host_merge"], row["host_load"] = split[row["name"]]
 
 
 def make_llama1b(root: Path) -> dict[str, Path]:
@@ -303,16 +339,18 @@ def llama1b(rounds: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["smollm2", "llama1b"], choices=["smollm2", "llama1b"])
+    parts = ["smollm2", "smollm2_hf", "llama1b"]
+    parser.add_argument("--part", nargs="+", default=parts, choices=parts)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--results", default="bench/results/resident_merge.json")
     args = parser.parse_args()
     path = Path(args.results)
     results = json.loads(path.read_text()) if path.exists() else {}
-    if "smollm2" in args.part:
-        results["smollm2"] = smollm2(args.rounds, args.samples)
-        path.write_text(json.dumps(results, indent=2))
+    for part, backend in (("smollm2", "vllm"), ("smollm2_hf", "hf")):
+        if part in args.part:
+            results[part] = smollm2(args.rounds, args.samples, backend)
+            path.write_text(json.dumps(results, indent=2))
     if "llama1b" in args.part:
         results["llama1b"] = llama1b(args.rounds)
         path.write_text(json.dumps(results, indent=2))

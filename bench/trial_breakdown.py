@@ -7,8 +7,9 @@ makes them), evaluated on 100 chat prompts with 64 new tokens, run the way each 
 - cold: a fresh `mergesearch-trial run` process, as a trial pod does (imports included);
 - warm: a child of the local executor's fork server, which has imported what the backend's trials
   import and frozen that heap out of the garbage collector's reach, timed over the child's whole life
-  (it exits right after its report, without closing its evaluator); for `vllm` with an engine of its
-  own (`keep_engine: false`), as `mergesearch run` ran it before the engine host;
+  (it exits right after its report, without closing its evaluator), with an engine of its own
+  (`keep_engine: false`; hf: merged into memory, a model of its own), as `mergesearch run` ran it
+  before the engine hosts;
 - kept (`vllm` only): as `mergesearch run` runs it now: a child of a fork server whose engine host
   already runs an engine, into which the trial loads its merge in place (`keep_engine`, the default);
   the fork server's first run, which starts that engine, is timed apart ("first");
@@ -112,9 +113,8 @@ def run_forked(executor: LocalExecutor, spec: TrialSpec) -> tuple[TrialResult, f
 
 
 def run_warm(spec: TrialSpec, work_dir: Path) -> tuple[TrialResult, float]:
-    """One run as the first and only run of a new fork server; for vllm with an engine of its own."""
-    if spec.backend == "vllm":
-        spec = spec.model_copy(update={"engine_args": {**spec.engine_args, "keep_engine": False}})
+    """One run as the first and only run of a new fork server, with an engine (hf: a model) of its own."""
+    spec = spec.model_copy(update={"engine_args": {**spec.engine_args, "keep_engine": False}})
     executor = LocalExecutor(work_dir, timeout_seconds=600, cache_dir=Path(spec.cache_dir), backend=spec.backend)
     try:
         return run_forked(executor, spec)

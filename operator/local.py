@@ -155,5 +155,5 @@ class LocalSearch:
                 time.sleep(poll_seconds)
         finally:
             # Without this a process that runs one search after another (a benchmark, a test) kept every
-            # search's fork server, and each kept vLLM engine host spent half a core waiting for work.
+            # search's fork server, and each kept engine host spent half a core waiting for work.
             controller.executor.close()

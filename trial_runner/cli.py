@@ -3,8 +3,9 @@
 fetch the models (through the node's cache) -> merge the plan -> evaluate the asked sample ranges ->
 report. With the `hf` backend the merged model never touches the disk (it is merged into memory and
 loaded from there); vLLM loads from a directory, so the merge is written to the scratch directory
-first. A run of a fork server evaluates with vLLM in the server's engine host, which computes the merge
-itself, straight into an engine it keeps running, from experts it keeps resident (`evaluate.engine_host`).
+first. A run of a fork server evaluates (with either backend) in the server's engine host, which
+computes the merge itself, straight into an engine it keeps, from experts it keeps resident
+(`evaluate.engine_host`).
 The report is a `TrialResult`: on stdout, in the spec's result file and in /dev/termination-log when it
 exists; the exit code says whether a retry can help (see `spec`).
 
@@ -94,7 +95,7 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     from .evaluate.base import InMemoryModel
     from .evaluate.engine_host import HostAddress, HostedEvaluator, PlannedMerge
     from .evaluate.registry import open_evaluator, validate_settings
-    from .evaluate.settings import VLLMSettings
+    from .evaluate.settings import KeptEngineSettings
     from .merge.engine import merge_to_directory, merge_to_state_dict
 
     started = time.perf_counter()
@@ -120,12 +121,12 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     merged_dir = Path(spec.scratch_dir) / "merged"
     # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`), which
     # computes the merge itself, into its engine, unless the merge must be written for the upload.
-    hosted = isinstance(settings, VLLMSettings) and settings.keep_engine
-    host = HostAddress.from_environment() if hosted else None
+    assert isinstance(settings, KeptEngineSettings)
+    host = HostAddress.from_environment() if settings.keep_engine else None
     model: Path | InMemoryModel | PlannedMerge
-    if host is not None and isinstance(settings, VLLMSettings) and settings.merge_in_place and not spec.output_uri:
+    if host is not None and settings.merge_in_place and not spec.output_uri:
         model = PlannedMerge(spec.plan, model_dirs, device, merged_dir)
-    elif spec.backend == "hf" and spec.output_uri is None:
+    elif spec.backend == "hf" and spec.output_uri is None and host is None:
         model = InMemoryModel(*merge_to_state_dict(spec.plan, model_dirs=model_dirs, device=device))
     else:
         merge_to_directory(spec.plan, merged_dir, model_dirs=model_dirs, device=device)
@@ -142,7 +143,9 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
                 open_evaluator(spec.backend, model=model, settings=settings)
             )
         else:  # closed here, before the report: closing frees the host for the next trial
-            evaluator = closes_here.enter_context(HostedEvaluator(address=host, model=model, settings=settings))
+            assert not isinstance(model, InMemoryModel)
+            hosted = HostedEvaluator(address=host, backend=spec.backend, model=model, settings=settings)
+            evaluator = closes_here.enter_context(hosted)
         mark = lap("load", mark)
         for task in spec.tasks:
             result = evaluator.evaluate(task=task, samples=samples[task.name], read=store.read_text)

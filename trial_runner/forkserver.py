@@ -8,8 +8,8 @@ Each child is a run like any other: its own session (it outlives the server and 
 killed as a group), its pid record in the run directory (so a restarted controller re-attaches to it),
 its log, its result file, its exit code (written by the server when it reaps the child).
 
-A fork server for the `vllm` backend also forks engine hosts (`evaluate.engine_host`), one per run that
-may run at once, each keeping a vLLM engine across runs, so that a run loads its merge into a running
+A fork server also forks engine hosts (`evaluate.engine_host`), one per run that may run at once, each
+keeping an engine (vLLM's, or hf's loaded model) across runs, so that a run loads its merge into a running
 engine instead of starting one. The server holds the hosts' listening socket (runs that connect while no
 host is free wait in its queue), starts another host when one dies while runs remain, and kills the
 hosts when it leaves.
@@ -130,15 +130,14 @@ def serve(backends: list[str], engine_host_log: Path, engine_hosts: int) -> None
     # Frozen, the preloaded heap is also shared with the children without being copied: a collection
     # that skips an object does not write to its page.
     with warmed_up(backends):
-        hosts = EngineHosts(engine_host_log, engine_hosts) if "vllm" in backends else None
+        hosts = EngineHosts(engine_host_log, engine_hosts)
         try:
             _fork_runs(hosts)
         finally:
-            if hosts is not None:
-                hosts.stop()
+            hosts.stop()
 
 
-def _fork_runs(hosts: EngineHosts | None) -> None:
+def _fork_runs(hosts: EngineHosts) -> None:
     """Fork a child for each run directory read from stdin; once stdin closes, wait for the children."""
     children: dict[int, Path] = {}
 
@@ -151,7 +150,7 @@ def _fork_runs(hosts: EngineHosts | None) -> None:
                 return
             if pid == 0:
                 return
-            if hosts is not None and hosts.exited(pid):
+            if hosts.exited(pid):
                 if children:  # runs that connect meanwhile wait in the listener's queue for the next host
                     hosts.ensure_running()
                 continue  # the run it served, if any, fails on its own (infrastructure, retried)
@@ -168,8 +167,7 @@ def _fork_runs(hosts: EngineHosts | None) -> None:
         if not run_dir.is_dir():
             continue
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})  # register the child before reaping it
-        if hosts is not None:
-            hosts.ensure_running()
+        hosts.ensure_running()
         pid = os.fork()
         if pid == 0:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -186,7 +184,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="fork a trial run for each run directory read from stdin")
     parser.add_argument("backends", nargs="*", help="the evaluation backends whose imports the runs share")
     parser.add_argument("--engine-host-log", type=Path, default=Path("engine-host.log"), help="the engine hosts' log")
-    parser.add_argument("--engine-hosts", type=int, default=1, help="vllm engines kept: the runs that may run at once")
+    parser.add_argument("--engine-hosts", type=int, default=1, help="engines kept: the runs that may run at once")
     args = parser.parse_args()
     serve(args.backends, args.engine_host_log, args.engine_hosts)
     # Leave without finalizing the interpreter: with vLLM imported that took 1.9 s of CPU, which slowed

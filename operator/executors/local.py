@@ -3,7 +3,7 @@
 Each run gets a directory `<work>/runs/<name>/` with its spec, log, pid record and result, and a line in
 `<work>/runs.log` when it starts. Runs are forked by a fork server (`mergesearch_trial_runner.forkserver`)
 that has already imported torch and the engine, so a run starts in milliseconds instead of seconds (and
-with `vllm`, loads its merge into one of the engines that the fork server's engine hosts keep:
+loads its merge into one of the engines that the fork server's engine hosts keep:
 `<work>/engine-host.log`). Every run is its own session: it outlives a controller that is killed, and a
 restarted controller re-attaches to it through the pid record (checked against the process's start
 time, so a recycled pid is not mistaken for it). A run that is gone without a result failed for
@@ -63,7 +63,7 @@ class LocalExecutor(Executor):
     ):
         self.runs_dir = Path(work_dir) / "runs"  # made by the first start: inspecting a search writes nothing
         self.ledger = Path(work_dir) / "runs.log"
-        self.engine_host_log = Path(work_dir) / "engine-host.log"  # the fork server's vLLM engine host, if any
+        self.engine_host_log = Path(work_dir) / "engine-host.log"  # the fork server's engine hosts
         self.cache_dir = Path(cache_dir or Path(work_dir) / "cache")
         self.timeout_seconds = timeout_seconds
         self.backend = backend  # what the fork server preloads

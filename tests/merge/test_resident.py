@@ -1,10 +1,12 @@
-"""Merges from resident experts, and merges computed straight into a running vLLM engine.
+"""Merges from resident experts, and merges computed straight into a running engine of either backend.
 
 The promise: exactly the numbers of today's path (merge written to a checkpoint, the engine loads it).
 Here, for every method and for LFS and DIS plans on the tiny world: the tensors merged from memory are
-the bytes written to the checkpoint; and (slow) a vLLM engine that merged in place holds the same
-parameters, generates the same token ids and gives the same log-likelihoods as the engine that loaded
-the written checkpoint, and as an engine started on it.
+the bytes written to the checkpoint; an hf model that merged in place holds the same parameters,
+generates the same token ids and gives the same log-likelihoods as the model a trial without a host
+loads (`from_pretrained` of the merge in memory), in the checkpoint's dtype and cast to another; and
+(slow) a vLLM engine that merged in place does the same against the engine that loaded the written
+checkpoint, and an engine started on it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,17 @@ import torch
 from safetensors.torch import load_file
 
 from mergesearch_operator.spaces import DepthwiseIntegration, LayerwiseFusion, ModelFacts
-from mergesearch_trial_runner.merge.engine import merge_to_directory, merged_tensors, open_checkpoints
+from mergesearch_trial_runner.checkpoint import Checkpoint
+from mergesearch_trial_runner.evaluate.base import InMemoryModel
+from mergesearch_trial_runner.evaluate.hf_backend import HFEvaluator, in_place_parameters
+from mergesearch_trial_runner.evaluate.prompts import ContinuationRequest, GenerationRequest
+from mergesearch_trial_runner.evaluate.settings import HFSettings
+from mergesearch_trial_runner.merge.engine import (
+    merge_to_directory,
+    merge_to_state_dict,
+    merged_tensors,
+    open_checkpoints,
+)
 from mergesearch_trial_runner.merge.io import TensorReader
 from mergesearch_trial_runner.merge.resident import ResidentModels
 from mergesearch_trial_runner.plan.ir import MergePlan
@@ -131,6 +143,75 @@ def test_experts_that_do_not_fit_are_read_from_the_files_and_a_changed_file_is_r
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+PROMPTS = ["rev abcde=", "sort dcba=", "shift abc=", "rev bbcad=dacbb\nrev cab="]
+
+
+def hf_outputs(engine: HFEvaluator) -> dict[str, object]:
+    """Greedy token ids, log-likelihoods and every parameter's bytes: what tells two models apart."""
+    ids = [engine.prompts.tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    return {
+        "tokens": engine._generate([GenerationRequest(prompt_ids=i, max_new_tokens=12) for i in ids], stop=[]),
+        "loglikelihoods": engine._loglikelihoods(
+            [ContinuationRequest(context_ids=i[:-3], continuation_ids=i[-3:]) for i in ids]
+        ),
+        "parameters": {n: v.detach().clone() for n, v in engine.model.state_dict().items()},
+    }
+
+
+def same(a: dict[str, object], b: dict[str, object]) -> bool:
+    pa, pb = a["parameters"], b["parameters"]
+    assert isinstance(pa, dict) and isinstance(pb, dict)
+    tensors_equal = pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    return tensors_equal and a["tokens"] == b["tokens"] and a["loglikelihoods"] == b["loglikelihoods"]
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_an_hf_model_that_merged_in_place_is_the_model_a_trial_loads(world, tmp_path, dtype):
+    plans = all_plans(world)
+    if dtype != "auto":  # cast from the checkpoints' float32: a few plans suffice
+        plans = {name: plans[name] for name in ("ties", "dare_ties", "lfs0", "dis1")}
+    settings = HFSettings(device="cpu", dtype=dtype)
+    first = next(iter(plans))
+    merge_to_directory(plans[first], tmp_path / first, model_dirs=dirs(plans[first]))
+    engine = HFEvaluator(model=tmp_path / first, settings=settings)
+    assert engine.can_merge_in_place
+    seen = []
+    for name, plan in plans.items():
+        with HFEvaluator(
+            model=InMemoryModel(*merge_to_state_dict(plan, model_dirs=dirs(plan))), settings=settings
+        ) as own:
+            expected = hf_outputs(own)  # a trial without a host: from_pretrained of the merge in memory
+        report = engine.load_merge(plan, dirs(plan), device="cpu", limit_bytes=None)
+        assert report["where"] == "cpu", report
+        merged = hf_outputs(engine)
+        assert same(merged, expected), name
+        seen.append(merged)
+    streamed = engine.load_merge(plans[first], dirs(plans[first]), device="cpu", limit_bytes=0)
+    assert streamed["where"] == "files" and same(hf_outputs(engine), seen[0])
+    engine.load_weights(tmp_path / first)  # a written merge, loaded in place
+    assert same(hf_outputs(engine), seen[0])
+    # The plans give models that differ: a merge that failed to load would be seen.
+    assert len({json.dumps(o["loglikelihoods"]) for o in seen}) == len(plans)
+    engine.close()
+
+
+def test_hf_weights_go_in_place_only_where_the_parameters_are_named_as_the_checkpoint(tied_models):
+    checkpoint = Checkpoint.open(tied_models["a"])
+    assert "lm_head.weight" not in checkpoint.tensors  # tied: the embedding is both
+    with HFEvaluator(model=tied_models["a"], settings=HFSettings(device="cpu")) as engine:
+        names = set(checkpoint.tensors)
+        parameters = in_place_parameters(engine.model, names)
+        assert parameters is not None and set(parameters) == names
+        assert in_place_parameters(engine.model, names | {"lm_head.weight"}) is None  # both names of one tensor
+        assert in_place_parameters(engine.model, names - {"model.norm.weight"}) is None  # a parameter left stale
+        assert in_place_parameters(engine.model, {*names, "model.extra.weight"}) is None  # not the model's
+        # Weights of another model of the shape, in place, tie as from_pretrained tied them.
+        engine.load_weights(tied_models["b"])
+        with HFEvaluator(model=tied_models["b"], settings=HFSettings(device="cpu")) as loaded:
+            assert same(hf_outputs(engine), hf_outputs(loaded))
+            assert engine.model.lm_head.weight.data_ptr() == engine.model.model.embed_tokens.weight.data_ptr()
+
+
 ENGINE_SCRIPT = """
 import hashlib, json, sys
 from pathlib import Path
@@ -193,12 +274,11 @@ if __name__ == "__main__":
 def test_an_engine_that_merged_in_place_is_the_engine_that_loaded_the_checkpoint(world, tmp_path):
     plans = all_plans(world)
     (tmp_path / "job.py").write_text(ENGINE_SCRIPT)
-    prompts = ["rev abcde=", "sort dcba=", "shift abc=", "rev bbcad=dacbb\nrev cab="]
     job = {
         "model_dirs": {k: str(v) for k, v in dirs(next(iter(plans.values()))).items()},
         "plans": {name: plan.model_dump_json() for name, plan in plans.items()},
         "settings": {"enforce_eager": True, "kv_cache_gib": 1},
-        "prompts": prompts,
+        "prompts": PROMPTS,
     }
     (tmp_path / "job.json").write_text(json.dumps(job))
     done = subprocess.run(

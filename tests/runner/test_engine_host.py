@@ -1,6 +1,7 @@
-"""The engine host: the runs of a `vllm` fork server take turns at one engine that loads each run's merge
-in place, and score exactly as the `hf` backend does on the same merge (which the vllm backend with an
-engine of its own also does: tests/evaluate/test_vllm.py).
+"""The engine host: the runs of a fork server take turns at one engine that loads each run's merge in
+place, and score exactly as the `hf` backend does on the same merge with a model of its own (which the
+vllm backend with an engine of its own also does: tests/evaluate/test_vllm.py); with `hf`, the engine
+is the loaded model.
 
 What could go wrong, and what here catches it: weights not replaced (the second expert would score as the
 first), keys and values cached for a prompt prefix under the old weights (the runs share a few-shot
@@ -120,6 +121,33 @@ def test_runs_share_one_engine_and_score_as_hf(world, tmp_path: Path, executor: 
     assert not (Path(specs[1].scratch_dir) / "merged").exists()  # no checkpoint written
 
 
+def test_hf_runs_share_one_loaded_model_and_score_as_their_own(world, tmp_path: Path) -> None:
+    """The hf backend's engine is the loaded transformers model: kept by the host, merged into in place."""
+    executor = LocalExecutor(tmp_path / "work", timeout_seconds=300, backend="hf")
+    try:
+        order = [("reverse", 4), ("sort", 4), ("reverse", 3)]
+        specs = [
+            expert_spec(world, tmp_path, f"run{i}", expert, layers).model_copy(
+                update={"backend": "hf", "engine_args": {"device": "cpu"}}
+            )
+            for i, (expert, layers) in enumerate(order)
+        ]
+        outcomes = [outcome(run_to_the_end(executor, spec)) for spec in specs]
+        for spec, hosted in zip(specs, outcomes, strict=True):
+            assert hosted == hf_outcome(spec), spec.name  # in this process: a model of its own, from memory
+        assert outcomes[0] != outcomes[1], "the two experts score alike: this test could not see stale weights"
+        log = executor.engine_host_log.read_text()
+        loads = re.findall(r"engine host: (started an engine for|merged in place for) \S+/(run\d)/", log)
+        assert loads == [
+            ("started an engine for", "run0"),
+            ("merged in place for", "run1"),
+            ("started an engine for", "run2"),  # three layers: another model
+        ]
+        assert not (Path(specs[1].scratch_dir) / "merged").exists()  # no checkpoint written
+    finally:
+        executor.close()
+
+
 def test_a_dead_host_is_replaced_for_the_run_waiting(world, tmp_path: Path, executor: LocalExecutor) -> None:
     first = run_to_the_end(executor, expert_spec(world, tmp_path, "first", "reverse"))
     assert first.phase == RunPhase.SUCCEEDED, first.reason
@@ -165,7 +193,8 @@ def test_a_host_lost_mid_request_is_an_infrastructure_failure(world, tmp_path: P
     spec = expert_spec(world, tmp_path, "lost", "reverse")
     merged = Path(spec.scratch_dir) / "merged"
     merge_to_directory(spec.plan, merged, model_dirs={n: Path(u) for n, u in spec.plan.models.items()})
-    evaluator = HostedEvaluator(address=address, model=merged, settings=VLLMSettings.model_validate(ENGINE))
+    settings = VLLMSettings.model_validate(ENGINE)
+    evaluator = HostedEvaluator(address=address, backend="vllm", model=merged, settings=settings)
     samples = load_samples(ModelStore(spec.cache_dir), spec.tasks[0], spec)
     with pytest.raises(EngineHostLost) as lost:
         evaluator.evaluate(task=spec.tasks[0], samples=samples)

@@ -26,9 +26,9 @@ def wait_for(path: Path, server: subprocess.Popen, timeout: float = 60.0) -> Non
 
 
 @pytest.fixture
-def server():
+def server(tmp_path: Path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "mergesearch_trial_runner.forkserver"],
+        [sys.executable, "-m", "mergesearch_trial_runner.forkserver", "--engine-host-log", str(tmp_path / "hosts.log")],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -22,6 +22,8 @@ from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, Task
 if TYPE_CHECKING:
     import torch
 
+    from ..plan.ir import MergePlan
+
 
 @dataclass(frozen=True)
 class InMemoryModel:
@@ -202,3 +204,25 @@ class Evaluator(ABC):
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class KeptEngine(Evaluator):
+    """An evaluator whose engine takes another model's weights in place, when that model is one of the shape
+    it was built for: what an engine host keeps across trials (`engine_host`). Both backends are."""
+
+    @property
+    @abstractmethod
+    def can_merge_in_place(self) -> bool:
+        """Whether `load_merge` can run on this engine (else trials write their merges for `load_weights`)."""
+
+    @abstractmethod
+    def load_weights(self, model: Path) -> None:
+        """Load the weights of the model directory `model`, one of this engine's shape, in place."""
+
+    @abstractmethod
+    def load_merge(
+        self, plan: MergePlan, model_dirs: Mapping[str, Path], *, device: str, limit_bytes: int | None
+    ) -> dict[str, Any]:
+        """Compute `plan`'s merge from the process's resident experts (`merge.resident.merge_into`) straight
+        into the engine's weights, no checkpoint written or read; the merge must be of this engine's shape.
+        Returns `merge_into`'s report: where the experts are held and why, and the seconds it took."""

@@ -1,22 +1,23 @@
-"""One vLLM engine for many trials: the engine hosts of a fork server.
+"""One engine for many trials: the engine hosts of a fork server.
 
 Starting an engine (building the model, allocating the KV cache, reading the weights) took 3.0 s of a
 13.6 s vLLM trial at the lowest fidelity; loading a merge into a running engine takes 0.4 s
-(bench/trial_breakdown.py, SmolLM2-135M on 2 cores). A fork server that runs `vllm`
-trials (a local search, a reused trial pod) therefore forks engine hosts beside its runs, one per run it
-may run at once. A trial hands the host its merge plan and the experts' directories in the node cache;
-the host computes the merge in the engine's process from experts it keeps resident there, straight into
-the engine's weights (`VLLMEvaluator.load_merge`, `merge.resident`): no checkpoint is written or read.
-A host starts an engine again only when the merge is not one its engine can take: another
-`engine_identity` (a depth-wise merge with another number of layers, other tokenizer files, other
-settings) or another thread count. Then it writes the merge to the trial's scratch directory and starts
-the engine on it. With `merge_in_place` off (or an uploaded output, which needs the files anyway) the
-trial writes the merge itself and the host loads it from there (`VLLMEvaluator.load_weights`).
+(bench/trial_breakdown.py, SmolLM2-135M on 2 cores). A fork server (a local search, a reused trial pod)
+therefore forks engine hosts beside its runs, one per run it may run at once, for either backend: a
+vLLM engine, or for `hf` the loaded transformers model (both `KeptEngine`s). A trial hands the host its
+backend, its merge plan and the experts' directories in the node cache; the host computes the merge in
+the engine's process from experts it keeps resident there, straight into the engine's weights
+(`KeptEngine.load_merge`, `merge.resident`): no checkpoint is written or read. A host starts an engine
+again only when the merge is not one its engine can take: another backend or `engine_identity` (a
+depth-wise merge with another number of layers, other tokenizer files, other settings) or another
+thread count. Then it writes the merge to the trial's scratch directory and starts the engine on it.
+With `merge_in_place` off (or an uploaded output, which needs the files anyway) the trial writes the
+merge itself and the host loads it from there (`KeptEngine.load_weights`).
 
 A trial keeps everything that decides a score (prompts, token budgets, stop handling, extraction):
 its `HostedEvaluator` is a backend whose two primitives (greedy generation and continuation
-log-likelihood, on token ids) run in the host's `VLLMEvaluator`. A hosted trial scores exactly as a
-trial with its own engine.
+log-likelihood, on token ids) run in the host's engine. A hosted trial scores exactly as a trial with
+its own engine.
 
 The wire: a Unix socket through `multiprocessing.connection`, which authenticates every client with
 the fork server's random key, carrying JSON as bytes (nothing is unpickled). The hosts share one
@@ -27,6 +28,7 @@ a host dies, its trial fails as an infrastructure error (retried) and the fork s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -35,19 +37,31 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn
 
+from ..checkpoint import CARRIED_FILES
 from ..errors import classify
 from ..plan.ir import MergePlan
-from .base import Evaluator, ModelSource
+from .base import Evaluator, KeptEngine
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
-from .settings import VLLMSettings
-
-if TYPE_CHECKING:
-    from .vllm_backend import VLLMEvaluator
+from .registry import open_evaluator, validate_settings
+from .settings import TRIAL_SIDE, KeptEngineSettings
 
 SOCKET_ENV = "MERGESEARCH_ENGINE_HOST"
 KEY_ENV = "MERGESEARCH_ENGINE_HOST_KEY"
+
+
+def engine_identity(backend: str, config: Mapping[str, Any], files: Path, settings: KeptEngineSettings) -> str:
+    """What an engine is built for, as a digest: the backend and its settings, the model's config and the
+    tokenizer's and generation files in `files`. Two models of one identity differ in their weights only,
+    which an engine can load in place (`load_weights`, `load_merge`)."""
+    engine_settings = settings.model_dump_json(exclude=set(TRIAL_SIDE))
+    digest = hashlib.sha256(f"{backend}\0{engine_settings}\0".encode())
+    digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode() + b"\0")
+    for name in CARRIED_FILES:
+        if (files / name).is_file():
+            digest.update(name.encode() + b"\0" + (files / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -113,7 +127,7 @@ class EngineHost:
     def __init__(self) -> None:
         import torch
 
-        self.engine: VLLMEvaluator | None = None
+        self.engine: KeptEngine | None = None
         self.built_for: tuple[str, int] | None = None  # the engine's identity and torch threads
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in its process; later engines
         # still need the real one.
@@ -155,14 +169,16 @@ class EngineHost:
     def _handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request["op"]
         if op == "load":
-            settings = VLLMSettings.model_validate(request["settings"])
+            backend = request["backend"]
+            settings = validate_settings(backend, request["settings"])
+            assert isinstance(settings, KeptEngineSettings)
             threads = int(request["threads"])
             if "plan" in request:
-                return self._load_merge(PlannedMerge.from_request(request), settings, threads=threads)
-            return self._load(Path(request["model"]), settings, threads=threads)
+                return self._load_merge(PlannedMerge.from_request(request), backend, settings, threads=threads)
+            return self._load(Path(request["model"]), backend, settings, threads=threads)
         if self.engine is None:
             raise RuntimeError(f"{op} before load: the engine host has no model loaded")
-        # The host runs the vllm backend's own primitives (a friend of `VLLMEvaluator`).
+        # The host runs the backend's own primitives (a friend of the backends' evaluators).
         if op == "generate":
             requests = [GenerationRequest(**r) for r in request["requests"]]
             return {"tokens": self.engine._generate(requests, stop=request["stop"])}
@@ -171,15 +187,16 @@ class EngineHost:
             return {"scores": self.engine._loglikelihoods(requests_)}
         raise ValueError(f"unknown engine host request {op!r}")
 
-    def _load_merge(self, merge: PlannedMerge, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
+    def _load_merge(
+        self, merge: PlannedMerge, backend: str, settings: KeptEngineSettings, *, threads: int
+    ) -> dict[str, Any]:
         from ..merge.engine import merge_to_directory, open_checkpoints
         from ..plan.tensors import plan_tensors
-        from .vllm_backend import engine_identity
 
         started = time.perf_counter()
         checkpoints = open_checkpoints(merge.plan, merge.model_dirs)
         lowered = plan_tensors(merge.plan, checkpoints)
-        identity = engine_identity(lowered.config, checkpoints[lowered.config_model].path, settings)
+        identity = engine_identity(backend, lowered.config, checkpoints[lowered.config_model].path, settings)
         fits = self.engine is not None and self.built_for == (identity, threads)
         if fits and self.engine is not None and self.engine.can_merge_in_place:
             limit = None if settings.resident_gib is None else int(settings.resident_gib * (1 << 30))
@@ -202,13 +219,12 @@ class EngineHost:
             self._drop_engine()  # its memory is free before the merge is written
             self._set_torch_threads(threads)  # the merge's threads: the trial's
         merge_to_directory(merge.plan, merge.directory, model_dirs=merge.model_dirs, device=merge.device)
-        return self._load(merge.directory, settings, threads=threads)
+        return self._load(merge.directory, backend, settings, threads=threads)
 
-    def _load(self, model: Path, settings: VLLMSettings, *, threads: int) -> dict[str, Any]:
-        from .vllm_backend import VLLMEvaluator, directory_identity, model_directory
-
+    def _load(self, model: Path, backend: str, settings: KeptEngineSettings, *, threads: int) -> dict[str, Any]:
         started = time.perf_counter()
-        wanted = (directory_identity(model_directory(model), settings), threads)
+        config = json.loads((model / "config.json").read_text())  # a directory the trial wrote
+        wanted = (engine_identity(backend, config, model, settings), threads)
         if self.engine is not None and self.built_for == wanted:
             self.engine.load_weights(model)
             reused = True
@@ -217,8 +233,9 @@ class EngineHost:
             # The engine computes on torch's threads as they are when it starts (vLLM ignores later
             # changes): the trial's, as if the engine ran in the trial's process.
             self._set_torch_threads(threads)
-            self.engine = VLLMEvaluator(model=model, settings=settings)
-            self.built_for = wanted
+            engine = open_evaluator(backend, model=model, settings=settings)
+            assert isinstance(engine, KeptEngine), f"the {backend} backend cannot be kept by a host"
+            self.engine, self.built_for = engine, wanted
             reused = False
         seconds = time.perf_counter() - started
         done = "loaded weights in place from" if reused else "started an engine for"
@@ -232,30 +249,30 @@ class EngineHost:
 
 
 class HostedEvaluator(Evaluator):
-    """The vllm backend with its engine in the fork server's engine host (see the module's doc)."""
+    """A backend with its engine in the fork server's engine host (see the module's doc)."""
 
-    name = "vllm"
+    name = "hosted"
 
     @classmethod
     def preload(cls) -> None:
         """Nothing beyond transformers (its tokenizer), which every trial process imports."""
 
-    def __init__(self, *, address: HostAddress, model: ModelSource | PlannedMerge, settings: VLLMSettings) -> None:
+    def __init__(
+        self, *, address: HostAddress, backend: str, model: Path | PlannedMerge, settings: KeptEngineSettings
+    ) -> None:
         import torch
         from transformers import AutoTokenizer
-
-        from .vllm_backend import model_directory
 
         if isinstance(model, PlannedMerge):  # the tokenizer and generation files a merge carries: its config model's
             path, what = model.model_dirs[model.plan.config_model].resolve(), model.request()
         else:
-            path = model_directory(model).resolve()
+            path = Path(model).resolve()
             what = {"model": str(path)}
         print("engine host: waiting for a host", file=sys.stderr, flush=True)
         self._connection = Client(address.socket, family="AF_UNIX", authkey=address.key)
         # The trial's threads (its share of the cores) are the engine's, as in the trial's own process.
         threads = torch.get_num_threads()
-        self._send("load", **what, settings=settings.model_dump(mode="json"), threads=threads)
+        self._send("load", **what, backend=backend, settings=settings.model_dump(mode="json"), threads=threads)
         tokenizer = AutoTokenizer.from_pretrained(path)  # while the host loads
         loaded = self._receive("load")
         if loaded.get("in_place"):

@@ -2,7 +2,11 @@
 
 A merged model can be evaluated without touching disk: `InMemoryModel(*merge_to_state_dict(...))`
 goes through the same `from_pretrained` loading path (key renames, weight tying, dtype) as a model
-directory, so both give the same logits.
+directory, so both give the same logits. A loaded model also takes another model's weights in place
+(`load_weights`, `load_merge`: what an engine host does across trials) by copying each tensor into the
+parameter of its name, which casts as `from_pretrained` does. That needs the model's parameters named as
+the checkpoint's tensors (`in_place_parameters`); where transformers renamed or split them while
+loading, `load_weights` loads the model anew and `load_merge` is refused (the host then writes the merge).
 
 Decoding is a plain greedy loop over the model's forward pass with a KV cache, not `generate()`:
 argmax of the raw logits, no logits processors, so a checkpoint's generation_config.json (sampling
@@ -17,7 +21,7 @@ log-softmax is never materialised for the whole prompt.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,11 @@ import torch
 from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig, AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from .base import Evaluator, InMemoryModel, ModelSource
+from ..checkpoint import Checkpoint
+from ..merge.io import TensorReader
+from ..merge.resident import merge_into
+from ..plan.ir import MergePlan
+from .base import InMemoryModel, KeptEngine, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
 from .settings import HFSettings, checkpoint_dtype
 
@@ -65,7 +73,22 @@ def load_model(model: ModelSource, settings: HFSettings) -> tuple[torch.nn.Modul
     return loaded.to(device).eval(), tokenizer, tokenizer_dir
 
 
-class HFEvaluator(Evaluator):
+def in_place_parameters(model: torch.nn.Module, names: Collection[str]) -> dict[str, torch.Tensor] | None:
+    """The model's tensor of each checkpoint tensor name, when copying the checkpoint's tensors into them
+    sets exactly what `from_pretrained` set: every name is a parameter or persistent buffer of the model, no
+    two names share one tensor, and every tensor of the model left unnamed shares one named (tied
+    embeddings). None otherwise."""
+    state = model.state_dict(keep_vars=True)
+    if not set(names) <= set(state):
+        return None
+    named = {name: state[name] for name in names}
+    storages = {tensor.data_ptr() for tensor in named.values()}
+    if len(storages) != len(named) or any(t.data_ptr() not in storages for n, t in state.items() if n not in named):
+        return None
+    return named
+
+
+class HFEvaluator(KeptEngine):
     name = "hf"
 
     @classmethod
@@ -84,11 +107,49 @@ class HFEvaluator(Evaluator):
     def __init__(self, *, model: ModelSource, settings: HFSettings) -> None:
         self.settings = settings
         self.model, tokenizer, tokenizer_dir = load_model(model, settings)
+        names = model.state_dict.keys() if isinstance(model, InMemoryModel) else Checkpoint.open(model).tensors.keys()
+        self._parameters = in_place_parameters(self.model, names)
         self.device = next(self.model.parameters()).device
         context_len = settings.max_model_len or int(self.model.config.max_position_embeddings)
         super().__init__(prompts=PromptBuilder(tokenizer, context_len, stop_token_ids(tokenizer, tokenizer_dir)))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad or 0)  # any id: padded positions are masked out
+
+    @property
+    def can_merge_in_place(self) -> bool:
+        return self._parameters is not None
+
+    def load_weights(self, model: Path) -> None:
+        if self._parameters is None:
+            self.model = load_model(model, self.settings)[0]
+            self._parameters = in_place_parameters(self.model, Checkpoint.open(model).tensors.keys())
+            return
+        checkpoint = Checkpoint.open(model)
+        with TensorReader() as reader:
+            self._copy_in((name, reader.read(info)) for name, info in checkpoint.tensors.items())
+
+    def load_merge(
+        self, plan: MergePlan, model_dirs: Mapping[str, Path], *, device: str, limit_bytes: int | None
+    ) -> dict[str, Any]:
+        """`merge_into` the model's parameters, in this process (see `KeptEngine.load_merge`)."""
+        if self._parameters is None:
+            raise ValueError("this model's parameters are not named as its checkpoint's tensors; load a written merge")
+        return merge_into(self._copy_in, plan, model_dirs, device=device, limit_bytes=limit_bytes)
+
+    @torch.no_grad()
+    def _copy_in(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy every tensor of a model of this one's shape into its parameter (cast to the parameter's dtype,
+        as `from_pretrained` casts)."""
+        assert self._parameters is not None
+        left = set(self._parameters)
+        for name, tensor in tensors:
+            target = self._parameters.get(name)
+            if target is None or target.shape != tensor.shape:
+                raise RuntimeError(f"{name} {tuple(tensor.shape)} is not a tensor of the loaded model's shape")
+            target.copy_(tensor)
+            left.discard(name)
+        if left:
+            raise RuntimeError(f"the weights in place lack {sorted(left)[:3]} of the loaded model's tensors")
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Request indices by length, longest first, in batches (similar lengths pad little)."""

@@ -52,18 +52,21 @@ prompts x 64 greedy tokens, 2 cores, 24 GiB; see bench/results/eval_backends.jso
   `torch.set_num_threads` (later calls are ignored), so it suits a process that exists to evaluate (a
   trial, a job); tests run such engines in a child process (`python -m mergesearch_trial_runner.evaluate`).
 
-Both devices: one engine for many trials (`keep_engine`, on by default). The trials of a fork server
-(a local search, a reused trial pod) load their merges in place into engines that its engine hosts keep
-(`engine_host`), one per trial it may run at once; an engine starts again only for a model of another
-shape or tokenizer. Off, every trial starts its own engine (what a pod per trial always does). The
-switch is there for models whose in-place reload vLLM does not support.
+Both devices, both backends: one engine for many trials (`keep_engine`, on by default). The trials of a
+fork server (a local search, a reused trial pod) load their merges in place into engines that its
+engine hosts keep (`engine_host`; for hf the engine is the loaded transformers model), one per trial it
+may run at once; an engine starts again only for a model of another shape or tokenizer. Off, every
+trial starts its own engine (what a pod per trial always does). The switch is there for models whose
+in-place reload the backend does not support.
 
-Both devices: merges straight into the kept engine (`merge_in_place`, on by default). The engine's
-process keeps the base and the experts resident (`merge.resident`: GPU memory where they fit beside the
-engine, else host memory, else read from the node cache each trial; `resident_gib` caps them) and each
-trial's merge is computed there, tensor by tensor, into the engine's weights (`VLLMEvaluator.load_merge`):
-no checkpoint is written or read. Off, a trial writes its merge to scratch and the engine reloads it from
-there. An engine of `tensor_parallel_size` > 1 always loads from a written checkpoint.
+Both devices, both backends: merges straight into the kept engine (`merge_in_place`, on by default).
+The engine's process keeps the base and the experts resident (`merge.resident`: GPU memory where they
+fit beside the engine, else host memory, else read from the node cache each trial; `resident_gib` caps
+them) and each trial's merge is computed there, tensor by tensor, into the engine's weights
+(`load_merge` of either backend): no checkpoint is written or read. Off, a trial writes its merge to
+scratch and the engine reloads it from there. A vLLM engine of `tensor_parallel_size` > 1, and an hf
+model whose parameters are not named as its checkpoint's tensors (transformers renamed them while
+loading), always load from a written checkpoint.
 
 Both devices, both backends: dtype `auto` means the checkpoint's dtype (config.json), the merge's output
 dtype. vLLM's own `auto` would run a float32 checkpoint in half precision (and so disagree with the hf
@@ -94,10 +97,36 @@ def checkpoint_dtype(config: Mapping[str, Any]) -> str:
     return str(value).removeprefix("torch.")
 
 
-class HFSettings(BaseModel):
-    """transformers on CPU or GPU: batched greedy decoding with left padding, in one process."""
+class KeptEngineSettings(BaseModel):
+    """How the trials of one fork server (a local search, a reused trial pod) use an engine, for either
+    backend: settings of the trials, not of the engine, so never passed to it (`TRIAL_SIDE`)."""
 
     model_config = ConfigDict(extra="forbid")
+    keep_engine: bool = Field(
+        default=True,
+        description="the trials of one local search or reused trial pod share one engine (for hf: a loaded model), "
+        "which loads each merge in place; false: every trial starts an engine of its own",
+    )
+    merge_in_place: bool = Field(
+        default=True,
+        description="with keep_engine: each trial's merge is computed in the engine's process from experts kept "
+        "resident, and goes into the engine's weights without a checkpoint; false: written to scratch and reloaded",
+    )
+    resident_gib: float | None = Field(
+        default=None,
+        ge=0,
+        description="most memory the resident experts may take (GiB); default: what the GPU or host has free, less "
+        "a margin; 0: read them from the node cache every trial",
+    )
+
+
+# Settings of how trials use an engine, not of the engine itself: never passed to vllm.LLM.
+TRIAL_SIDE = tuple(KeptEngineSettings.model_fields)
+
+
+class HFSettings(KeptEngineSettings):
+    """transformers on CPU or GPU: batched greedy decoding with left padding, in one process."""
+
     device: str = Field(default="auto", description='"auto" (cuda when available), "cpu", "cuda" or "cuda:N"')
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="auto: the checkpoint's dtype (config.json), the same rule as the vllm backend"
@@ -111,14 +140,9 @@ class HFSettings(BaseModel):
     attn_implementation: str = Field(default="sdpa", description="transformers attention kernel")
 
 
-# Settings of how trials use an engine, not of the engine itself: never passed to vllm.LLM.
-TRIAL_SIDE = ("keep_engine", "merge_in_place", "resident_gib")
-
-
-class VLLMSettings(BaseModel):
+class VLLMSettings(KeptEngineSettings):
     """An offline `vllm.LLM` engine. Fields left unset take the device's default (`CPU_DEFAULTS`, `GPU_DEFAULTS`)."""
 
-    model_config = ConfigDict(extra="forbid")
     dtype: str = Field(default="auto", description="auto: the checkpoint's dtype (not vLLM's auto, see above)")
     max_model_len: int | None = Field(default=None, ge=2, description="context length; default: the model's")
     seed: int = 0
@@ -143,22 +167,6 @@ class VLLMSettings(BaseModel):
     in_process: bool | None = Field(
         default=None, description="run vLLM's engine core and worker in the trial's process (tensor_parallel_size 1)"
     )
-    keep_engine: bool = Field(
-        default=True,
-        description="the trials of one local search or reused trial pod share one engine, which loads each merge in "
-        "place; false: every trial starts an engine of its own",
-    )
-    merge_in_place: bool = Field(
-        default=True,
-        description="with keep_engine: each trial's merge is computed in the engine's process from experts kept "
-        "resident, and goes into the engine's weights without a checkpoint; false: written to scratch and reloaded",
-    )
-    resident_gib: float | None = Field(
-        default=None,
-        ge=0,
-        description="most memory the resident experts may take (GiB); default: what the GPU or host has free, less "
-        "a margin; 0: read them from the node cache every trial",
-    )
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="any other vllm.LLM argument, passed through (checked when the engine starts)"
     )
@@ -168,7 +176,7 @@ class VLLMSettings(BaseModel):
         if self.kv_cache_gib is not None and self.kv_cache_tokens is not None:
             raise ValueError("set kv_cache_gib or kv_cache_tokens, not both: they size the same KV cache")
         ours = {"engine_args", "kv_cache_gib", "kv_cache_tokens", "cpu_omp_threads_bind", "in_process"}
-        ours |= {"keep_engine", "merge_in_place", "resident_gib"}
+        ours |= set(TRIAL_SIDE)
         typed = set(type(self).model_fields) - ours
         derived = {"kv_cache_memory_bytes", "distributed_executor_backend"}  # set from kv_cache_*, in_process
         clash = sorted((set(self.engine_args) & typed) | (derived & set(self.engine_args)))

@@ -23,23 +23,18 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import json
 import os
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CARRIED_FILES
-from ..merge.engine import merged_tensors, open_checkpoints
-from ..merge.io import TensorReader
-from ..merge.resident import ResidentModels
+from ..merge.resident import merge_into
 from ..plan.ir import MergePlan
-from .base import Evaluator, InMemoryModel, ModelSource
+from .base import InMemoryModel, KeptEngine, ModelSource
 from .prompts import ContinuationRequest, GenerationRequest, PromptBuilder, stop_token_ids
-from .settings import TRIAL_SIDE, Device, EngineLaunch, VLLMSettings
+from .settings import Device, EngineLaunch, VLLMSettings
 
 
 def current_device() -> Device:
@@ -79,69 +74,18 @@ def model_directory(model: ModelSource) -> Path:
     return path
 
 
-def engine_identity(config: Mapping[str, Any], files: Path, settings: VLLMSettings) -> str:
-    """What an engine is built for, as a digest: the settings, the model's config and the tokenizer's and
-    generation files in `files`. Two models of one identity differ in their weights only, which an engine
-    can load in place (`load_weights`, `load_merge`)."""
-    digest = hashlib.sha256(settings.model_dump_json(exclude=set(TRIAL_SIDE)).encode())  # the engine's own
-    digest.update(b"config.json\0" + json.dumps(config, sort_keys=True).encode() + b"\0")
-    for name in CARRIED_FILES:
-        if (files / name).is_file():
-            digest.update(name.encode() + b"\0" + (files / name).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def directory_identity(model: Path, settings: VLLMSettings) -> str:
-    """`engine_identity` of a model directory."""
-    return engine_identity(json.loads((model / "config.json").read_text()), model, settings)
-
-
-# The experts the merges of this process read (`load_merge`). It lives in the process that owns the
-# model: the engine host's own (in_process) or vLLM's worker process, which imports this module to run
-# `_merge_into_model`; there it outlives each call, and the engine.
-_RESIDENT = ResidentModels()
-
-
 def _merge_into_model(
     worker: Any, *, plan: str, model_dirs: dict[str, str], device: str, limit_bytes: int | None
 ) -> dict[str, Any]:
-    """Run by vLLM in its worker (`collective_rpc`): merge `plan` from the resident experts (or the files,
-    when they do not fit) and load each merged tensor into the model as it is computed."""
-    import torch
+    """Run by vLLM in its worker (`collective_rpc`), the process that owns the model and so keeps the
+    resident experts: `merge_into` vLLM's in-place reload from an iterator (the model's own load_weights,
+    with its fused projections and tied embeddings, then its post-load processing for the device's
+    kernels, as from files)."""
 
-    started = time.perf_counter()
-    merge_plan = MergePlan.model_validate_json(plan)
-    checkpoints = open_checkpoints(merge_plan, model_dirs)
-    compute = torch.device(device)
-    placement = _RESIDENT.make_resident(checkpoints, device=compute, limit_bytes=limit_bytes)
-    resident_seconds = time.perf_counter() - started
-    merging = 0.0  # of the reload's time, what computing the merged tensors took
+    def reload(weights: Iterator[tuple[str, Any]]) -> None:
+        worker.reload_weights(weights_iterator=weights)
 
-    def timed(weights: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        nonlocal merging
-        while True:
-            began = time.perf_counter()
-            item = next(weights, None)
-            merging += time.perf_counter() - began
-            if item is None:
-                return
-            yield item
-
-    with TensorReader() as reader:
-        source = reader if placement.where == "files" else _RESIDENT
-        # vLLM's in-place reload from an iterator: the model's own load_weights (fused projections,
-        # tied embeddings) and then its post-load processing for the device's kernels, as from files.
-        reloading = time.perf_counter()
-        worker.reload_weights(weights_iterator=timed(merged_tensors(merge_plan, checkpoints, source, device=compute)))
-        reloaded = time.perf_counter() - reloading
-    return {
-        "where": placement.where,
-        "reason": placement.reason,
-        "resident_seconds": round(resident_seconds, 3),
-        "merge_seconds": round(merging, 3),
-        "load_seconds": round(reloaded - merging, 3),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    return merge_into(reload, MergePlan.model_validate_json(plan), model_dirs, device=device, limit_bytes=limit_bytes)
 
 
 def check_engine_args(engine_args: Mapping[str, object]) -> None:
@@ -185,7 +129,7 @@ _DEVICE_MODULES = {
 }
 
 
-class VLLMEvaluator(Evaluator):
+class VLLMEvaluator(KeptEngine):
     name = "vllm"
 
     @classmethod
@@ -250,9 +194,8 @@ class VLLMEvaluator(Evaluator):
         return scores
 
     def load_weights(self, model: Path) -> None:
-        """Load the weights of another model that `engine_identity` says this engine was built for, in
-        place (vLLM's `reload_weights` also processes them for the device's kernels), and drop the
-        prefix cache, whose keys and values were computed with the old weights."""
+        """Load `model`'s weights in place (vLLM's `reload_weights` also processes them for the device's
+        kernels), and drop the prefix cache, whose keys and values were computed with the old weights."""
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(model)})
         self.llm.reset_prefix_cache()
 
@@ -265,9 +208,7 @@ class VLLMEvaluator(Evaluator):
     def load_merge(
         self, plan: MergePlan, model_dirs: Mapping[str, Path], *, device: str, limit_bytes: int | None
     ) -> dict[str, Any]:
-        """Compute `plan`'s merge in the engine's worker, from experts it keeps resident, straight into the
-        engine's weights (no checkpoint written or read); the merge must have this engine's
-        `engine_identity`. Returns where the experts are held and why, and the seconds it took."""
+        """`merge_into` the engine's weights, in vLLM's worker (see `KeptEngine.load_merge`)."""
         if not self.can_merge_in_place:
             raise ValueError("an in-place merge needs tensor_parallel_size 1; load a written checkpoint instead")
         kwargs = {

@@ -11,20 +11,27 @@ memory when the merge runs on a GPU with room for them beside the engine, else h
 host (and the container's memory limit) has room, else nowhere: the trial streams them from the node
 cache's files, as a trial without a resident worker does. A margin is left free in either memory for
 the merge's own working set (a few chunks and one merged tensor).
+
+`merge_into` is what an engine that merges in place runs in the process that owns its model (vLLM's
+worker, the hf engine host): the merge from `RESIDENT`, this process's experts, handed tensor by tensor
+to the engine's own loading.
 """
 
 from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
 from ..checkpoint import Checkpoint, TensorInfo
+from ..plan.ir import MergePlan
+from .engine import merged_tensors, open_checkpoints
 from .io import TensorReader
 from .methods.selection import RankedMagnitudes
 
@@ -199,3 +206,51 @@ class ResidentModels:
         self._placement = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+# The experts of this process: it owns the engine's model, and keeps them across the engine's merges.
+RESIDENT = ResidentModels()
+
+
+def merge_into(
+    load: Callable[[Iterator[tuple[str, torch.Tensor]]], None],
+    plan: MergePlan,
+    model_dirs: Mapping[str, Path | str],
+    *,
+    device: str,
+    limit_bytes: int | None,
+) -> dict[str, Any]:
+    """Merge `plan` from the resident experts (or from the files, when they do not fit) and hand the merged
+    tensors, one at a time as they are computed, to `load` (an engine's loading from an iterator). The
+    report: where the experts are held and why, and the seconds spent making them resident, computing the
+    merge and loading it."""
+    started = time.perf_counter()
+    checkpoints = open_checkpoints(plan, model_dirs)
+    compute = torch.device(device)
+    placement = RESIDENT.make_resident(checkpoints, device=compute, limit_bytes=limit_bytes)
+    resident_seconds = time.perf_counter() - started
+    merging = 0.0  # of the load's time, what computing the merged tensors took
+
+    def timed(tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal merging
+        while True:
+            began = time.perf_counter()
+            item = next(tensors, None)
+            merging += time.perf_counter() - began
+            if item is None:
+                return
+            yield item
+
+    with TensorReader() as reader:
+        source = reader if placement.where == "files" else RESIDENT
+        loading = time.perf_counter()
+        load(timed(merged_tensors(plan, checkpoints, source, device=compute)))
+        loaded = time.perf_counter() - loading
+    return {
+        "where": placement.where,
+        "reason": placement.reason,
+        "resident_seconds": round(resident_seconds, 3),
+        "merge_seconds": round(merging, 3),
+        "load_seconds": round(loaded - merging, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
