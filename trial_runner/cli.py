@@ -95,7 +95,6 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     from .evaluate.base import InMemoryModel
     from .evaluate.engine_host import HostAddress, HostedEvaluator, PlannedMerge
     from .evaluate.registry import open_evaluator, validate_settings
-    from .evaluate.settings import KeptEngineSettings
     from .merge.engine import merge_to_directory, merge_to_state_dict
 
     started = time.perf_counter()
@@ -121,7 +120,6 @@ def run_trial(spec: TrialSpec, keep_open: contextlib.ExitStack | None = None) ->
     merged_dir = Path(spec.scratch_dir) / "merged"
     # A run of a fork server evaluates in the server's engine host (see `evaluate.engine_host`), which
     # computes the merge itself, into its engine, unless the merge must be written for the upload.
-    assert isinstance(settings, KeptEngineSettings)
     host = HostAddress.from_environment() if settings.keep_engine else None
     model: Path | InMemoryModel | PlannedMerge
     if host is not None and settings.merge_in_place and not spec.output_uri:

@@ -171,7 +171,6 @@ class EngineHost:
         if op == "load":
             backend = request["backend"]
             settings = validate_settings(backend, request["settings"])
-            assert isinstance(settings, KeptEngineSettings)
             threads = int(request["threads"])
             if "plan" in request:
                 return self._load_merge(PlannedMerge.from_request(request), backend, settings, threads=threads)

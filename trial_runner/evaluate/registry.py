@@ -15,13 +15,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from .base import Evaluator, ModelSource
-from .settings import HFSettings, VLLMSettings
+from .settings import HFSettings, KeptEngineSettings, VLLMSettings
 
 
 @dataclass(frozen=True)
 class Backend:
     name: str
-    settings: type[BaseModel]
+    settings: type[KeptEngineSettings]  # every backend's settings say how trials keep its engine
     implementation: str  # "module:Class", relative to this package
 
     def load(self) -> type[Evaluator]:
@@ -46,7 +46,7 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def validate_settings(backend: str, settings: Mapping[str, Any] | BaseModel | None = None) -> BaseModel:
+def validate_settings(backend: str, settings: Mapping[str, Any] | BaseModel | None = None) -> KeptEngineSettings:
     """The backend's settings model from a mapping (a `ValueError` names any bad or unknown field)."""
     model = get_backend(backend).settings
     if isinstance(settings, model):
