@@ -235,17 +235,17 @@ def reference_ties(base, sources, weights, density):
     return base + mixed / divisor
 
 
+@pytest.mark.parametrize("weights", [(0.7, 0.0, 0.4), (0.5, -0.5, 0.25)], ids=["a-zero-weight", "a-negative-weight"])
 @pytest.mark.parametrize("values", ["continuous", "quarters"])
-def test_ties_equals_the_plain_boolean_mask_formulation_bit_for_bit(values):
-    """The kernel builds its masks arithmetically (for speed); on ties, zeros, cancelling deltas and a
-    zero weight it must give exactly what boolean masks give."""
+def test_ties_equals_the_plain_boolean_mask_formulation_bit_for_bit(values, weights):
+    """The kernel builds its masks arithmetically (for speed); on ties, zeros, cancelling deltas, a zero
+    weight and weights that cancel it must give exactly what boolean masks give."""
     generator = torch.Generator().manual_seed(7)
     base = torch.randn(4000, generator=generator)
     if values == "quarters":  # many equal magnitudes, exact zeros, deltas that cancel to +0.0
         sources = [base + torch.randint(-2, 3, (4000,), generator=generator).float() / 4 for _ in range(3)]
     else:
         sources = [base + 0.1 * torch.randn(4000, generator=generator) for _ in range(3)]
-    weights = [0.7, 0.0, 0.4]
     merged = merge(
         "ties",
         [s.tolist() for s in sources],

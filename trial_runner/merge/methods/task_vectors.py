@@ -103,45 +103,64 @@ def _merge_block(
 ) -> torch.Tensor:
     count = len(sources)
     weights = [params.source(i, "weight") for i in range(count)]
+    normalize = bool(params.shared["normalize"])
     deltas = torch.empty((count, *base.shape), dtype=base.dtype, device=base.device)
     for i, source in enumerate(sources):
         delta = torch.sub(source, base, out=deltas[i])
-        # TIES's trim: hardshrink keeps the entries of magnitude above `below`, i.e. at or above the threshold
-        kept = delta if below[i] is None else torch.nn.functional.hardshrink(delta, below[i])
+        if below[i] is not None:
+            # TIES's trim: hardshrink keeps the entries of magnitude above `below`, i.e. at or above the threshold
+            torch.hardshrink(delta, below[i], out=delta)
         if keep[i] is not None:
-            kept.mul_(keep[i])
+            delta.mul_(keep[i])
             density = params.source(i, "density")
             if params.shared["rescale"] and density > 0:
-                kept.div_(density)
-        torch.mul(kept, weights[i], out=delta)
+                delta.div_(density)
+        delta.mul_(weights[i])
 
     if elect_sign:
         # TIES's sign election by total mass (ties go to +; a sum of -0.0 means every delta is zero,
         # and then nothing agrees either way). An entry agrees when it has the elected sign; zeros never
         # agree. With m = +-1 the elected sign, the agreeing mass is m * sum_i max(m * delta_i, 0).
-        # Arithmetic masks: every mask in this function is built from copysign, hardshrink and sign,
-        # never from a comparison. On CPU a comparison, or a multiply by the boolean tensor it makes,
-        # costs 10-30x a float op. The results are the same bit for bit (tests/merge/test_methods.py);
+        # Arithmetic masks: every mask in this function is built from copysign, hardshrink, sign and
+        # clamps, never from a comparison. On CPU a comparison, or a multiply by the boolean tensor it
+        # makes, costs 10-30x a float op. The results are the same bit for bit (tests/merge/test_methods.py);
         # what it saved is in docs/merging.md.
-        elected = torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), _sum_rows(deltas))
+        total = _sum_rows(deltas)
+        elected = torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), total, out=total)
         aligned = deltas.mul_(elected).clamp_min_(0)  # every source at once: fewer, longer passes
-        agrees = torch.sign(aligned)
-        divisor = agrees[0].mul_(weights[0])
-        for i in range(1, count):
-            divisor.add_(agrees[i], alpha=weights[i])
-        mixed = _sum_rows(aligned).mul_(elected)
-        divisor.add_(1 - divisor.sign().abs_())  # 0 -> 1, everything else unchanged
+        mixed = _sum_rows(aligned)
+        divisor = _agreeing_weight(aligned, weights) if normalize else None
     else:
+        elected = None
         mixed = _sum_rows(deltas)
-        total = sum(weights)
-        divisor = torch.tensor(total if abs(total) >= 1e-8 else 1.0, dtype=base.dtype, device=base.device)
+        summed = sum(weights)
+        divisor = torch.tensor(summed if abs(summed) >= 1e-8 else 1.0, dtype=base.dtype, device=base.device)
     del deltas
 
-    if params.shared["normalize"]:
+    if normalize:
         mixed.div_(divisor)
     if float(params.shared["lambda"]) != 1:
         mixed.mul_(float(params.shared["lambda"]))
-    return mixed.add_(base)
+    if elected is None:
+        return mixed.add_(base)
+    # m * x is exact for m = +-1 and rounding is symmetric in sign, so applying m last gives the same
+    # bits as applying it to the sum, and one pass (base + m * x) does it with the base's add.
+    return torch.addcmul(base, elected, mixed)
+
+
+def _agreeing_weight(aligned: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """Per entry, the total weight of the sources that agree (`aligned` > 0); where none does, where the
+    agreeing mass is zero too, a nonzero stand-in that keeps it zero. `aligned` is overwritten."""
+    agrees = torch.sign(aligned, out=aligned)
+    divisor = agrees[0].mul_(weights[0])
+    for i in range(1, len(weights)):
+        divisor.add_(agrees[i], alpha=weights[i])
+    if all(w >= 0 for w in weights):
+        # No negative weight: a nonzero total is at least the least positive weight, so raising the
+        # totals to it leaves them alone and turns only the zeros (where the mass, too, is zero) into a
+        # divisor that keeps that zero: one pass instead of four.
+        return divisor.clamp_min_(min((w for w in weights if w > 0), default=1.0))
+    return divisor.add_(1 - divisor.sign().abs_())  # 0 -> 1, everything else unchanged
 
 
 def _sum_rows(rows: torch.Tensor) -> torch.Tensor:
