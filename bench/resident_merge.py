@@ -15,10 +15,11 @@ Two measurements, each in one run:
   trial merges into memory and loads a model of its own (`keep_engine: false`, the path before hf's
   engine host); `resident`: the engine host keeps the loaded model and merges into its parameters.
 - `llama1b`: merge-to-ready at Llama-3.2-1B's shapes (random bf16 weights made here: a base and three
-  experts, 2.5 GB each), task arithmetic of the three, into a running vLLM CPU engine: `written`
-  (merge_to_directory, then the engine reloads the directory) against `resident` (`load_merge`), with
-  each path's peak resident memory above what the process held before it, and what the resident
-  experts hold. `written` runs first, so that the page cache holds its checkpoints.
+  experts, 2.5 GB each), task arithmetic of the three, into a running vLLM engine, both paths merging
+  on its device (the CPU here; on a GPU node, the GPU): `written` (merge_to_directory, then the engine
+  reloads the directory) against `resident` (`load_merge`), with each path's peak memory above what was
+  in use before it (the process's on CPU, the device's on a GPU), and what the resident experts hold.
+  `written` runs first, so that the page cache holds its checkpoints.
 
     python -m bench.resident_merge [--part smollm2 smollm2_hf llama1b] [--rounds 4]
 """
@@ -228,28 +229,37 @@ def make_llama1b(root: Path) -> dict[str, Path]:
 
 
 class PeakMemory:
-    """The process's peak resident memory while inside, above what it held on entry (sampled every 10 ms)."""
+    """Peak memory in use while inside, above what was in use on entry (sampled every 10 ms): on CPU the
+    process's resident memory; on a GPU the device's, whichever process holds it (vLLM's worker runs in a
+    process of its own there, with the resident experts)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
 
     def __enter__(self) -> PeakMemory:
-        self.start = self._rss()
+        self.start = self._used()
         self.peak = self.start
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
-    @staticmethod
-    def _rss() -> int:
+    def _used(self) -> int:
+        if self.device == "cuda":
+            import torch
+
+            free, total = torch.cuda.mem_get_info()
+            return total - free
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._used())
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = max(self.peak, self._used())
 
     @property
     def above_entry_gib(self) -> float:
@@ -284,7 +294,9 @@ def llama1b(rounds: int) -> dict:
     merge_to_directory(plan, merged, model_dirs=dirs)
     settings = VLLMSettings.model_validate({"kv_cache_gib": 1, "max_model_len": 512})
     engine = VLLMEvaluator(model=merged, settings=settings)
+    device = engine.device  # both paths merge where the engine runs: on a GPU node, on the GPU
     report: dict = {
+        "device": device,
         "method": "task_arithmetic, 3 experts",
         "bytes_per_model": (dirs["base"] / "model.safetensors").stat().st_size,
     }
@@ -292,9 +304,9 @@ def llama1b(rounds: int) -> dict:
         written = []
         for _ in range(rounds):
             shutil.rmtree(merged)
-            with PeakMemory() as memory:
+            with PeakMemory(device) as memory:
                 started = time.perf_counter()
-                merge_to_directory(plan, merged, model_dirs=dirs)
+                merge_to_directory(plan, merged, model_dirs=dirs, device=device)
                 merged_at = time.perf_counter()
                 engine.load_weights(merged)
                 done = time.perf_counter()
@@ -309,9 +321,9 @@ def llama1b(rounds: int) -> dict:
             print("written", json.dumps(written[-1]), flush=True)
         resident = []
         for round_ in range(rounds + 1):  # the first reads the experts into memory: reported apart
-            with PeakMemory() as memory:
+            with PeakMemory(device) as memory:
                 started = time.perf_counter()
-                placed = engine.load_merge(plan, dirs, device="cpu", limit_bytes=None)
+                placed = engine.load_merge(plan, dirs, device=device, limit_bytes=None)
                 done = time.perf_counter()
             resident.append(
                 {
