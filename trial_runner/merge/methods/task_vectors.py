@@ -129,16 +129,16 @@ def _merge_block(
         elected = torch.copysign(torch.ones((), dtype=base.dtype, device=base.device), total, out=total)
         aligned = deltas.mul_(elected).clamp_min_(0)  # every source at once: fewer, longer passes
         mixed = _sum_rows(aligned)
-        divisor = _agreeing_weight(aligned, weights) if normalize else None
+        if normalize:
+            mixed.div_(_agreeing_weight(aligned, weights))
     else:
         elected = None
         mixed = _sum_rows(deltas)
-        summed = sum(weights)
-        divisor = torch.tensor(summed if abs(summed) >= 1e-8 else 1.0, dtype=base.dtype, device=base.device)
+        if normalize:
+            summed = sum(weights)
+            mixed.div_(torch.tensor(summed if abs(summed) >= 1e-8 else 1.0, dtype=base.dtype, device=base.device))
     del deltas
 
-    if normalize:
-        mixed.div_(divisor)
     if float(params.shared["lambda"]) != 1:
         mixed.mul_(float(params.shared["lambda"]))
     if elected is None:
